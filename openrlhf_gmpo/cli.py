@@ -1,8 +1,8 @@
 """`openrlhf-gmpo` console entry point: one subcommand per job, each living in its own module.
 
 Each module named in SUBCOMMANDS exposes `register(subparsers)`, which adds its parser and sets `func`
-(called with the parsed namespace; its return value is the exit code). Modules import lazily so that
-`openrlhf-gmpo --help` stays fast and a broken optional backend cannot break unrelated subcommands.
+(called with the parsed namespace; its return value is the exit code). Those modules keep heavy imports (torch,
+transformers, ray) inside the functions that need them, so `openrlhf-gmpo --help` answers at once.
 """
 
 import argparse
