@@ -1,0 +1,150 @@
+"""Validation and fp32 preparation of a policy-loss batch, shared by every registered loss.
+
+All data checks that need to look at tensor values are gathered into one device->host copy, so a GPU caller pays a
+single synchronisation per call rather than one per check.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Log-ratios are clamped to +-LOG_RATIO_LIMIT before any exp, for every loss (no_clip and grpo included): e^20 ~ 4.9e8
+# keeps ratios, losses and gradients finite in fp32 even for log-ratios of +-1e4 (a bf16 outlier or a broken rollout).
+# The clamp has zero gradient outside the band, so such a token stops contributing rather than exploding.
+LOG_RATIO_LIMIT = 20.0
+
+# Per-token advantages must be constant over a sequence's valid tokens (they are one value broadcast by the trainer).
+ADVANTAGE_ATOL = 1e-6
+ADVANTAGE_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """A validated batch in fp32. B sequences, L padded positions."""
+
+    log_ratio: torch.Tensor  # (B, L) logp - logp_old, 0 at masked positions, clamped to +-LOG_RATIO_LIMIT
+    mask: torch.Tensor  # (B, L) bool, True at valid (response) tokens
+    advantages: torch.Tensor  # (B,) one advantage per sequence, 0 for sequences without valid tokens
+    lengths: torch.Tensor  # (B,) fp32 number of valid tokens |o_i|
+
+    @property
+    def valid_seq(self) -> torch.Tensor:
+        return self.lengths > 0  # (B,) sequences with at least one valid token
+
+    @property
+    def safe_lengths(self) -> torch.Tensor:
+        return self.lengths.clamp(min=1.0)  # (B,) divisor that is never 0 (all-masked sequences are excluded later)
+
+
+def check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_dp_size(dp_size) -> int:
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be an integer >= 1, got {dp_size!r}")
+    return dp_size
+
+
+def _check_tensor(name: str, value, shape: torch.Size | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if shape is not None and value.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (the shape of log_probs)")
+    return value
+
+
+def _global_batch_size_tensor(global_batch_size, device) -> torch.Tensor | None:
+    """OpenRLHF passes a 0-d fp32 tensor (see openrlhf/utils/loss_utils.py); plain numbers are accepted too."""
+    if global_batch_size is None:
+        return None
+    if isinstance(global_batch_size, torch.Tensor):
+        if global_batch_size.numel() != 1:
+            raise ValueError(f"global_batch_size must be a number or a 1-element tensor, got {global_batch_size}")
+        return global_batch_size.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.tensor(check_positive("global_batch_size", global_batch_size), device=device)
+
+
+def prepare_batch(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    rollout_log_probs: torch.Tensor | None,
+    global_batch_size,
+) -> tuple[SequenceBatch, torch.Tensor | None, torch.Tensor | None]:
+    """Validate the inputs and return (batch, rollout_log_ratio (B, L) or None, global_batch_size 0-d tensor or None).
+
+    rollout_log_ratio is old_log_probs - rollout_log_probs (detached, 0 at masked positions, clamped like log_ratio).
+    Raises ValueError naming the argument on a shape mismatch, a non-boolean-like mask, NaN/inf at a valid position,
+    advantages that vary within a sequence, or a non-positive global_batch_size.
+    """
+    _check_tensor("log_probs", log_probs)
+    if log_probs.dim() != 2 or log_probs.numel() == 0:
+        raise ValueError(f"log_probs must be a non-empty [B, L] tensor, got shape {tuple(log_probs.shape)}")
+    shape = log_probs.shape
+    _check_tensor("old_log_probs", old_log_probs, shape)
+    _check_tensor("action_mask", action_mask, shape)
+    if rollout_log_probs is not None:
+        _check_tensor("rollout_log_probs", rollout_log_probs, shape)
+    _check_tensor("advantages", advantages)
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B] or [B, L] = {tuple(shape)}")
+
+    # (name, message, bad: 0-d bool tensor): evaluated together below with one host sync.
+    checks: list[tuple[str, str, torch.Tensor]] = []
+    if action_mask.dtype == torch.bool:
+        mask = action_mask
+    else:
+        checks.append(
+            ("action_mask", "must hold only 0/1 (boolean-like) values", ((action_mask != 0) & (action_mask != 1)).any())
+        )
+        mask = action_mask != 0
+    lengths = mask.sum(dim=-1, dtype=torch.float32)  # (B,)
+
+    def not_finite_at_valid(t: torch.Tensor) -> torch.Tensor:
+        return (mask & ~torch.isfinite(t.detach())).any()
+
+    checks.append(("log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(log_probs)))
+    checks.append(("old_log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(old_log_probs)))
+
+    adv = advantages.detach().float()
+    if adv.dim() == 2:
+        # The value at each sequence's first valid token (argmax returns the first maximum), checked against the rest.
+        first = mask.to(torch.uint8).argmax(dim=-1, keepdim=True)  # (B, 1)
+        seq_adv = adv.gather(-1, first).squeeze(-1)  # (B,)
+        tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * seq_adv.abs().unsqueeze(-1)
+        varies = mask & ~((adv - seq_adv.unsqueeze(-1)).abs() <= tol)  # NaN differences count as varying
+        checks.append(("advantages", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(adv)))
+        checks.append(("advantages", "must be constant over each sequence's valid tokens", varies.any()))
+    else:
+        seq_adv = adv
+        checks.append(
+            ("advantages", "has NaN/inf for a sequence with valid tokens", ((lengths > 0) & ~torch.isfinite(adv)).any())
+        )
+    seq_adv = torch.where(lengths > 0, seq_adv, 0.0)
+
+    rollout_log_ratio = None
+    if rollout_log_probs is not None:
+        checks.append(
+            ("rollout_log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(rollout_log_probs))
+        )
+        diff = old_log_probs.detach().float() - rollout_log_probs.detach().float()
+        rollout_log_ratio = torch.where(mask, diff, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+
+    gbs = _global_batch_size_tensor(global_batch_size, log_probs.device)
+    if isinstance(global_batch_size, torch.Tensor):
+        checks.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~torch.isfinite(gbs)))
+
+    flags = torch.stack([bad for _, _, bad in checks]).tolist()
+    for (name, message, _), bad in zip(checks, flags, strict=True):
+        if bad:
+            raise ValueError(f"{name} {message}")
+
+    # torch.where (never a multiply) so NaN/inf at masked positions neither reach the loss nor its gradient.
+    diff = log_probs.float() - old_log_probs.detach().float()
+    log_ratio = torch.where(mask, diff, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    return SequenceBatch(log_ratio, mask, seq_adv, lengths), rollout_log_ratio, gbs
