@@ -1,0 +1,175 @@
+"""CountDown tasks: reach a target from 3-4 numbers, each used exactly once, with + - * /.
+
+`generate_tasks` draws the numbers first and then a target among the integers they can reach, so every task is
+solvable by construction; `solve` is the exact solver that proves it (and writes the SFT traces).
+"""
+
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+
+OPERATORS = ("+", "-", "*", "/")
+
+
+@dataclass(frozen=True)
+class CountdownTask:
+    numbers: tuple[int, ...]
+    target: int
+
+
+# A solution tree: a leaf is an int (one of the given numbers), a node is (operator, left, right).
+Tree = int | tuple[str, "Tree", "Tree"]
+
+
+def _combine(a: Fraction, b: Fraction):
+    """Yield (operator, value) for every way to combine a and b in that order (exact; no division by zero)."""
+    yield "+", a + b
+    yield "-", a - b
+    yield "*", a * b
+    if b != 0:
+        yield "/", a / b
+
+
+def reachable(numbers) -> dict[Fraction, Tree]:
+    """Every value reachable using each number exactly once, mapped to the simplest tree that reaches it.
+
+    Subset dynamic programming over bit masks: the values of a subset are all combinations of the values of its two
+    complementary parts. "Simplest" keeps SFT traces easy to learn: all intermediate values integral first, then none
+    negative, then the smallest largest intermediate (so 44+19-35 beats 19-35+44 and (44*19)/19-style detours).
+    """
+    numbers = tuple(int(n) for n in numbers)
+    count = len(numbers)
+    # values[mask] maps value -> (cost, tree); cost = (has a fraction, has a negative, largest magnitude)
+    values: list[dict[Fraction, tuple[tuple[bool, bool, Fraction], Tree]]] = [{} for _ in range(1 << count)]
+    for i, n in enumerate(numbers):
+        value = Fraction(n)
+        values[1 << i].setdefault(value, ((False, False, value), n))
+    for mask in range(1, 1 << count):
+        if mask & (mask - 1) == 0:
+            continue  # single number, set above
+        table = values[mask]
+        # Enumerate ordered splits (left, right) of mask; both orders matter for - and /.
+        left = (mask - 1) & mask
+        while left:
+            right = mask ^ left
+            for a, (cost_a, tree_a) in values[left].items():
+                for b, (cost_b, tree_b) in values[right].items():
+                    for op, value in _combine(a, b):
+                        cost = (
+                            cost_a[0] or cost_b[0] or value.denominator != 1,
+                            cost_a[1] or cost_b[1] or value < 0,
+                            max(cost_a[2], cost_b[2], abs(value)),
+                        )
+                        known = table.get(value)
+                        if known is None or cost < known[0]:
+                            table[value] = (cost, (op, tree_a, tree_b))
+            left = (left - 1) & mask
+    return {value: tree for value, (_, tree) in values[(1 << count) - 1].items()}
+
+
+def render(tree: Tree, top: bool = True) -> str:
+    """Write a tree as a compact expression: every inner operation in parentheses, none around the whole."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, left, right = tree
+    text = f"{render(left, False)}{op}{render(right, False)}"
+    return text if top else f"({text})"
+
+
+def evaluate_tree(tree: Tree) -> Fraction:
+    if isinstance(tree, int):
+        return Fraction(tree)
+    op, left, right = tree
+    return dict(_combine(evaluate_tree(left), evaluate_tree(right)))[op]
+
+
+def solve_tree(numbers, target: int) -> Tree | None:
+    """A tree that reaches target using each number exactly once, or None if there is none."""
+    _check_numbers(numbers)
+    return reachable(numbers).get(Fraction(target))
+
+
+def solve(numbers, target: int) -> str | None:
+    """An expression that reaches target using each number exactly once (e.g. "(44+19)-35"), or None."""
+    tree = solve_tree(numbers, target)
+    return None if tree is None else render(tree)
+
+
+def _check_numbers(numbers) -> None:
+    if not 1 <= len(numbers) <= 6:
+        raise ValueError(f"numbers must hold 1 to 6 values for the exact solver, got {len(numbers)}: {numbers!r}")
+    for n in numbers:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"numbers must be non-negative ints, got {n!r} in {numbers!r}")
+
+
+def check_settings(
+    min_numbers: int, max_numbers: int, min_value: int, max_value: int, min_target: int, max_target: int
+) -> None:
+    """Raise ValueError naming the first impossible generator setting."""
+    if min_numbers < 3:
+        raise ValueError(f"min_numbers must be >= 3 (CountDown uses 3-4 numbers), got {min_numbers}")
+    if max_numbers > 5:
+        raise ValueError(f"max_numbers must be <= 5 (the exact solver grows fast), got {max_numbers}")
+    if min_numbers > max_numbers:
+        raise ValueError(f"min_numbers ({min_numbers}) must be <= max_numbers ({max_numbers})")
+    if min_value < 1:
+        raise ValueError(f"min_value must be >= 1, got {min_value}")
+    if min_value > max_value:
+        raise ValueError(f"min_value ({min_value}) must be <= max_value ({max_value})")
+    if min_target > max_target:
+        raise ValueError(f"min_target ({min_target}) must be <= max_target ({max_target})")
+    if max_target < 0:
+        raise ValueError(f"max_target must be >= 0, got {max_target}")
+
+
+def generate_tasks(
+    n: int,
+    seed: int,
+    *,
+    min_numbers: int = 3,
+    max_numbers: int = 4,
+    min_value: int = 1,
+    max_value: int = 99,
+    min_target: int = 1,
+    max_target: int = 100,
+    progress: bool = False,
+) -> list[CountdownTask]:
+    """n distinct solvable tasks, the same for the same arguments.
+
+    Defaults follow TinyZero's CountDown-Tasks-3to4 data: 3-4 numbers in 1..99, a target in 1..100. The target is
+    drawn uniformly among the integers in range that the numbers reach, so no task needs a search at training time.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    check_settings(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    rng = random.Random(seed)
+    tasks: list[CountdownTask] = []
+    seen: set[CountdownTask] = set()
+    # Give up rather than loop forever when the ranges admit too few distinct tasks (e.g. n above the task space).
+    max_draws = 100 * n + 1000
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="CountDown tasks", unit="task")
+    for _ in range(max_draws):
+        if len(tasks) == n:
+            break
+        count = rng.randint(min_numbers, max_numbers)
+        numbers = tuple(rng.randint(min_value, max_value) for _ in range(count))
+        targets = sorted(int(v) for v in reachable(numbers) if v.denominator == 1 and min_target <= v <= max_target)
+        if not targets:
+            continue
+        task = CountdownTask(numbers, rng.choice(targets))
+        if task in seen:
+            continue
+        seen.add(task)
+        tasks.append(task)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if len(tasks) < n:
+        raise ValueError(f"could draw only {len(tasks)} distinct solvable tasks of the {n} asked for; widen the ranges")
+    return tasks

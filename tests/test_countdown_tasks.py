@@ -1,0 +1,85 @@
+from fractions import Fraction
+
+import helpers_countdown
+import pytest
+
+from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
+from openrlhf_gmpo.countdown.scorer import evaluate, literals, parse, score
+from openrlhf_gmpo.countdown.tasks import CountdownTask, generate_tasks, reachable, solve
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    assert generate_tasks(50, 7) == generate_tasks(50, 7)
+    assert generate_tasks(50, 7) != generate_tasks(50, 8)
+
+
+def test_tasks_respect_settings_and_are_distinct():
+    tasks = helpers_countdown.sample_tasks()
+    assert len(set(tasks)) == len(tasks)
+    assert {len(t.numbers) for t in tasks} == {3, 4}
+    assert all(1 <= n <= 99 for t in tasks for n in t.numbers)
+    assert all(1 <= t.target <= 100 for t in tasks)
+
+
+def test_every_task_is_solved_and_the_solution_scores_full():
+    for task in helpers_countdown.sample_tasks():
+        expression = solve(task.numbers, task.target)
+        assert expression is not None, task
+        assert evaluate(parse(expression)) == task.target
+        assert score(f"<answer>{expression}</answer>", task.numbers, task.target) == 1.0, (task, expression)
+        # The SFT trace ends in the same answer, so it scores 1.0 as well.
+        assert score(sft_response(task), task.numbers, task.target) == 1.0
+
+
+def test_solver_hand_examples():
+    # 28 from 44, 19, 35: (44+19)-35 passes through 63, (44-35)+19 only through 9 and 28 (largest value 44, the
+    # input itself), so the simplest-tree rule (no fraction, no negative, smallest largest value) picks the latter.
+    assert solve((44, 19, 35), 28) == "(44-35)+19"
+    # Three ones reach at most 3 (1+1+1): 100 is unreachable.
+    assert solve((1, 1, 1), 100) is None
+    # 3, 3, 8, 8 -> 24 needs a fraction: 8/(3-8/3) = 8/(1/3) = 24.
+    expression = solve((3, 3, 8, 8), 24)
+    assert expression is not None and evaluate(parse(expression)) == 24
+    # Every number must be used: 5 from (2, 3, 5) is not "5" alone but e.g. 5*(3-2).
+    expression = solve((2, 3, 5), 5)
+    assert sorted(literals(parse(expression))) == [2, 3, 5] and evaluate(parse(expression)) == 5
+
+
+def test_reachable_values_of_two_numbers():
+    # 6 and 3: 6+3, 6-3, 3-6, 6*3, 6/3, 3/6 -> {9, 3, -3, 18, 2, 1/2}
+    assert set(reachable((6, 3))) == {Fraction(v) for v in (9, 3, -3, 18, 2)} | {Fraction(1, 2)}
+
+
+def test_prompt_and_trace_text():
+    task = CountdownTask((44, 19, 35), 28)
+    assert prompt_text(task) == "Use 44 19 35 to make 28."
+    assert sft_response(task) == "<think>44-35=9,9+19=28</think><answer>(44-35)+19</answer>"
+    with pytest.raises(ValueError, match="no solution"):
+        sft_response(CountdownTask((1, 1, 1), 100))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(min_numbers=2, max_numbers=4), r"min_numbers must be >= 3 .*got 2"),
+        (dict(min_numbers=4, max_numbers=3), r"min_numbers \(4\) must be <= max_numbers \(3\)"),
+        (dict(max_numbers=9), r"max_numbers must be <= 5 .*got 9"),
+        (dict(min_value=0), "min_value must be >= 1, got 0"),
+        (dict(min_value=50, max_value=10), r"min_value \(50\) must be <= max_value \(10\)"),
+        (dict(min_target=10, max_target=5), r"min_target \(10\) must be <= max_target \(5\)"),
+    ],
+)
+def test_impossible_settings_name_the_value(settings, message):
+    with pytest.raises(ValueError, match=message):
+        generate_tasks(1, 0, **settings)
+
+
+def test_too_small_task_space_is_an_error_not_a_hang():
+    # Numbers all 1, three of them, target 1..100: the only task is (1, 1, 1) with targets {1, 2, 3} -> 3 tasks at most.
+    with pytest.raises(ValueError, match="could draw only 3 distinct solvable tasks of the 10"):
+        generate_tasks(10, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
+
+
+def test_negative_n_is_refused():
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        generate_tasks(-1, 0)
