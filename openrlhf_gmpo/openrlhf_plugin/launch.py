@@ -1,0 +1,175 @@
+"""Run OpenRLHF's own `openrlhf.cli.train_ppo_ray` as `__main__`, with three narrow hooks.
+
+OpenRLHF builds its whole parser, its defaults and its argument validation inside the module's
+`if __name__ == "__main__":` block, so they cannot be imported. Copying them would drift from the installed
+release; instead we execute the real module with `runpy` and intercept its one `parser.parse_args()` call (recognised
+by the calling module's `__spec__`, patched only for the duration of the run). At that point the parser is complete
+and `train` is defined, so the hook can:
+  1. widen `--actor.policy_loss_type`'s choices with our losses (and add the Megatron flags for --backend megatron),
+  2. parse the preset's tokens followed by the user's flags with the real parser,
+  3. wrap the module's `train` so that, after OpenRLHF's own validation ran, we validate our part, pick the policy
+     actor class, and either start OpenRLHF's training or, for a dry run, print the resolved command and stop.
+"""
+
+import argparse
+import runpy
+import shlex
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from openrlhf_gmpo.openrlhf_plugin.loss_adapter import NATIVE_LOSS_TYPES, OUR_LOSS_TYPES
+from openrlhf_gmpo.openrlhf_plugin.presets import preset_to_tokens
+
+OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
+BACKENDS = ("deepspeed", "megatron")
+LAUNCHER_MODULE = "openrlhf_gmpo.train_ppo_ray"
+
+
+@dataclass
+class LaunchPlan:
+    """What to run: preset entries (already loaded), the user's OpenRLHF flags, the backend, dry run or not."""
+
+    openrlhf_argv: list[str]
+    preset: dict = field(default_factory=dict)
+    preset_source: str | None = None
+    backend: str = "deepspeed"
+    dry_run: bool = False
+    # Filled in by the run: the final token list and OpenRLHF's validated, hierarchized args.
+    tokens: list[str] = field(default_factory=list)
+    args: object = None
+
+    def command(self) -> str:
+        """The fully resolved command line (preset expanded) that reproduces this run."""
+        words = ["python3", "-m", LAUNCHER_MODULE, "--backend", self.backend, *self.tokens]
+        return shlex.join(words)
+
+
+def run_openrlhf(plan: LaunchPlan) -> LaunchPlan:
+    """Execute OpenRLHF's train_ppo_ray main block under our hooks; returns the plan with tokens/args filled in."""
+    if plan.backend not in BACKENDS:
+        raise SystemExit(f"openrlhf_gmpo: --backend must be one of {BACKENDS}, got {plan.backend!r}")
+    with _intercept_parse_args(lambda parser, parse, module_globals: _on_parse(plan, parser, parse, module_globals)):
+        runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
+    return plan
+
+
+@contextmanager
+def _intercept_parse_args(on_parse):
+    """Route the parse_args call made by OpenRLHF's train_ppo_ray main block to on_parse; others pass through."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(parser, args=None, namespace=None):
+        caller = sys._getframe(1).f_globals
+        spec = caller.get("__spec__")
+        if caller.get("__name__") == "__main__" and spec is not None and spec.name == OPENRLHF_MODULE:
+            return on_parse(parser, lambda tokens: original(parser, tokens, namespace), caller)
+        return original(parser, args, namespace)
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
+    loss_action = parser._option_string_actions["--actor.policy_loss_type"]
+    loss_action.choices = [*NATIVE_LOSS_TYPES, *OUR_LOSS_TYPES]
+    if plan.backend == "megatron":
+        _megatron_args_module().add_megatron_arguments(parser)
+
+    preset_tokens = preset_to_tokens(plan.preset_source, plan.preset, parser)
+    if preset_tokens:
+        _check_preset_alone(plan.preset_source, parser, parse, preset_tokens)
+    plan.tokens = [*preset_tokens, *plan.openrlhf_argv]
+    args = parse(plan.tokens)
+
+    openrlhf_train = module_globals["train"]
+
+    def train(validated_args):
+        plan.args = validated_args
+        validate_plugin_args(validated_args, plan.backend)
+        if plan.dry_run:
+            print_dry_run(plan)
+            return
+        module_globals["PolicyModelActor"] = policy_actor_class(validated_args, plan.backend)
+        openrlhf_train(validated_args)
+
+    module_globals["train"] = train
+    return args
+
+
+def _check_preset_alone(source, parser, parse, tokens):
+    """Parse the preset's tokens on their own first, so a type or choice error names the preset file."""
+    openrlhf_error = parser.error
+    parser.error = lambda message: openrlhf_error(f"preset {source}: {message}")
+    try:
+        parse(tokens)
+    finally:
+        parser.error = openrlhf_error
+
+
+def validate_plugin_args(args, backend: str) -> None:
+    """Checks OpenRLHF does not make, on its hierarchized args; SystemExit naming the flag and the bad value."""
+    low, high = args.actor.eps_clip_low_high
+    if not (low > 0 and high > 0):
+        raise SystemExit(f"--actor.eps_clip_low_high: both clip bounds must be > 0, got {low} {high}")
+    if args.actor.policy_loss_type in OUR_LOSS_TYPES:
+        if args.actor.dual_clip is not None:
+            raise SystemExit(f"--actor.dual_clip {args.actor.dual_clip}: dual clip is a PPO-loss option, not ours")
+        if args.actor.loss_agg_mode != "token-mean":
+            raise SystemExit(
+                f"--actor.loss_agg_mode {args.actor.loss_agg_mode}: our losses aggregate per sequence over the global"
+                " batch themselves; leave this flag at its default"
+            )
+        adv = args.algo.advantage
+        if adv.is_correction_level not in ("off", "seq") or adv.is_correction_gating != "ratio":
+            raise SystemExit(
+                f"--algo.advantage.is_correction_level {adv.is_correction_level} / is_correction_gating "
+                f"{adv.is_correction_gating}: our losses support the rollout correction only as level seq with ratio "
+                "gating (a per-sequence truncated importance weight capped at the HIGH threshold)"
+            )
+    if backend == "megatron":
+        _megatron_args_module().validate_megatron_args(args)
+
+
+def policy_actor_class(args, backend: str):
+    """The Ray actor class OpenRLHF's train() should launch for the policy."""
+    if backend == "megatron":
+        try:
+            from openrlhf_gmpo.megatron.actor import MegatronPolicyActor
+        except ImportError as error:
+            raise SystemExit(f"--backend megatron: openrlhf_gmpo.megatron.actor is not available ({error})") from None
+        if hasattr(MegatronPolicyActor, "remote"):
+            return MegatronPolicyActor
+        import ray
+
+        return ray.remote(num_gpus=1)(MegatronPolicyActor)
+    if args.actor.policy_loss_type in OUR_LOSS_TYPES:
+        from openrlhf_gmpo.openrlhf_plugin.actor import GMPOPolicyModelActor
+
+        return GMPOPolicyModelActor
+    from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+
+    return PolicyModelActor
+
+
+def _megatron_args_module():
+    try:
+        from openrlhf_gmpo.megatron import args as megatron_args
+    except ImportError as error:
+        raise SystemExit(f"--backend megatron: openrlhf_gmpo.megatron.args is not available ({error})") from None
+    return megatron_args
+
+
+def print_dry_run(plan: LaunchPlan) -> None:
+    args = plan.args
+    print(plan.command())
+    low, high = args.actor.eps_clip_low_high
+    print(
+        f"# dry run: validated by OpenRLHF's own parser; backend={plan.backend} "
+        f"loss={args.actor.policy_loss_type} clip={low}/{high} estimator={args.algo.advantage.estimator} "
+        f"rollout_batch={args.rollout.batch_size}x{args.rollout.n_samples_per_prompt} "
+        f"train_batch={args.train.batch_size} lr={args.actor.adam.lr}; Ray not contacted"
+    )
