@@ -1,0 +1,189 @@
+"""One policy update on a megatron model: micro-batches, gradient accumulation, DP/EP gradient sync, clip, step.
+
+The loss is any name of our registry (`compute_policy_loss`), given the global batch size and the DP size, so the
+gradient is that of the whole batch whichever way it is split over DP ranks and micro-batches. Gradients are reduced
+by megatron-core's DistributedDataParallel (dense params over DP, experts over expert-DP, both scaled 1/DP).
+The optimizer is megatron's (fp32 master weights, distributed Adam) on GPU and torch AdamW on CPU, where
+`get_megatron_optimizer` cannot run; `build_optimizer` hides the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from openrlhf_gmpo.losses import compute_policy_loss
+from openrlhf_gmpo.megatron.logprobs import token_log_probs
+
+
+@dataclass
+class PolicyMicroBatch:
+    """One micro-batch in OpenRLHF's layout: responses are the last A positions of the (left-padded) sequences."""
+
+    sequences: torch.Tensor  # (b, S) token ids
+    attention_mask: torch.Tensor  # (b, S) bool, False at padding
+    action_mask: torch.Tensor  # (b, A) bool, True at response tokens
+    old_log_probs: torch.Tensor  # (b, A) from the old-policy pass
+    advantages: torch.Tensor  # (b,) or (b, A)
+    rollout_log_probs: torch.Tensor | None = None  # (b, A) from vLLM, for the rollout importance correction
+
+
+def action_log_probs(model, sequences, attention_mask, num_actions: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the last `num_actions` tokens, (b, A), as OpenRLHF's actor returns them."""
+    return token_log_probs(model, sequences, attention_mask, temperature=temperature)[:, -num_actions:]
+
+
+def wrap_ddp(model: torch.nn.Module):
+    """megatron-core DDP: fp32 gradient buffers; the distributed optimizer's sharded buffers on GPU."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=torch.cuda.is_available()
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)  # OpenRLHF's --actor.adam_betas default
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; OpenRLHF's --max_norm default
+
+
+def build_optimizer(ddp_model, options: OptimizerOptions = OptimizerOptions()):
+    """An optimizer whose `step()` returns (update_successful, grad_norm, num_zeros) and clips by global norm."""
+    if options.lr <= 0 or options.clip_grad <= 0:
+        raise ValueError(f"lr={options.lr} and clip_grad={options.clip_grad} must be > 0")
+    if not torch.cuda.is_available():
+        return TorchAdamW(ddp_model, options)
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = ddp_model.config
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        adam_beta1=options.betas[0],
+        adam_beta2=options.betas[1],
+        adam_eps=options.eps,
+        clip_grad=options.clip_grad,
+        bf16=config.bf16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=True,  # fp32 master weights and Adam states sharded over DP
+    )
+    return get_megatron_optimizer(optimizer_config, [ddp_model])
+
+
+class TorchAdamW:
+    """CPU stand-in for megatron's optimizer: AdamW on DDP's reduced `main_grad`s, model-parallel grad-norm clip."""
+
+    def __init__(self, ddp_model, options: OptimizerOptions):
+        self.params = [p for p in ddp_model.parameters() if p.requires_grad]
+        self.options = options
+        self.inner = torch.optim.AdamW(
+            self.params, lr=options.lr, betas=options.betas, eps=options.eps, weight_decay=options.weight_decay
+        )
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def step(self) -> tuple[bool, float, None]:
+        for p in self.params:
+            p.grad = p.main_grad.to(p.dtype)
+        norm = model_parallel_grad_norm(self.params)
+        if not math.isfinite(norm):
+            return False, norm, None
+        if norm > self.options.clip_grad:
+            for p in self.params:
+                p.grad.mul_(self.options.clip_grad / (norm + 1e-6))
+        self.inner.step()
+        return True, norm, None
+
+
+def model_parallel_grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    """L2 norm of the whole model's gradient: TP duplicates counted once, experts summed over EP/ETP/PP ranks."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None or not param_is_not_tensor_parallel_duplicate(p):
+            continue
+        square = p.grad.double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True):
+            dense_sq += square
+        else:  # megatron marks expert parameters allreduce=False
+            expert_sq += square
+    torch.distributed.all_reduce(dense_sq, group=ps.get_model_parallel_group())
+    torch.distributed.all_reduce(expert_sq, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return float((dense_sq + expert_sq).sqrt())
+
+
+def policy_update(
+    ddp_model,
+    optimizer,
+    micro_batches: Sequence[PolicyMicroBatch],
+    *,
+    loss_name: str,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    global_batch_size: int,
+    dp_size: int,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Accumulate gradients over `micro_batches`, sync them, clip and step once. Returns this rank's metrics."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("policy_update runs one pipeline stage; pp>1 needs megatron's pipeline schedule")
+    if not micro_batches:
+        raise ValueError("policy_update needs at least one micro-batch")
+    # The aux loss (when its coefficient is > 0) gets the same per-micro-batch weight as the policy loss.
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    totals: dict[str, float] = {}
+    loss_sum = 0.0
+    for mb in micro_batches:
+        log_probs = action_log_probs(
+            ddp_model, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], temperature=temperature
+        )
+        loss, metrics = compute_policy_loss(
+            loss_name,
+            log_probs,
+            mb.old_log_probs,
+            mb.advantages,
+            mb.action_mask,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            rollout_log_probs=mb.rollout_log_probs,
+            global_batch_size=global_batch_size,
+            dp_size=dp_size,
+        )
+        loss.backward()
+        loss_sum += loss.item()
+        for key, value in metrics.items():
+            totals[key] = _combine(key, totals.get(key), value.item(), len(micro_batches))
+    ddp_model.finish_grad_sync()
+    updated, grad_norm, _ = optimizer.step()
+    # Summed over micro-batches and averaged over DP ranks this is the loss of the whole batch.
+    totals.update(policy_loss=loss_sum, grad_norm=float(grad_norm), update_skipped=float(not updated))
+    return totals
+
+
+def _combine(key: str, total: float | None, value: float, count: int) -> float:
+    """Fold one micro-batch's metric in: extremes stay extremes, everything else is a mean over micro-batches."""
+    if total is None:
+        return value if key.endswith(("_min", "_max")) else value / count
+    if key.endswith("_min"):
+        return min(total, value)
+    if key.endswith("_max"):
+        return max(total, value)
+    return total + value / count
