@@ -1,0 +1,125 @@
+"""Pure parts of the megatron backend: parallel-size validation, config translation, weight-layout transforms."""
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+
+from openrlhf_gmpo.megatron.model import MoEOptions, transformer_config_kwargs
+from openrlhf_gmpo.megatron.parallel import ParallelSizes, validate_parallel_sizes
+from openrlhf_gmpo.megatron.weights import (
+    fuse_qkv,
+    local_spec_name,
+    shard,
+    shard_gated_fc1,
+    split_qkv,
+    unshard_gated_fc1,
+)
+
+# Qwen3-30B-A3B's numbers.
+QWEN3_30B_A3B = dict(
+    num_layers=48, num_attention_heads=32, num_kv_heads=4, vocab_size=151936, num_experts=128, moe_ffn_hidden_size=768
+)
+
+
+def test_qwen3_30b_a3b_layouts_are_valid():
+    sizes = validate_parallel_sizes(ParallelSizes(8, ep=8), **QWEN3_30B_A3B)
+    assert (sizes.dp, sizes.edp) == (8, 1)  # dense part replicated 8 ways, each expert held once
+    sizes = validate_parallel_sizes(ParallelSizes(16, ep=8), **QWEN3_30B_A3B)
+    assert (sizes.dp, sizes.edp) == (16, 2)
+    sizes = validate_parallel_sizes(ParallelSizes(16, tp=2, ep=8, pp=2), **QWEN3_30B_A3B)
+    assert (sizes.dp, sizes.edp) == (4, 1)  # 16 / (tp 2 * pp 2); 16 / (ep 8 * pp 2)
+
+
+@pytest.mark.parametrize(
+    "sizes, overrides, message",
+    [
+        (ParallelSizes(6, ep=4), {}, "world size 6 is not divisible by etp*ep*pp = 1*4*1"),
+        (ParallelSizes(12, tp=3), {}, "32 attention heads are not divisible by tp=3"),
+        (ParallelSizes(8, tp=8), {}, "4 KV heads (query groups) are not divisible by tp=8"),
+        (ParallelSizes(24, ep=12), {}, "128 experts are not divisible by ep=12"),
+        (ParallelSizes(40, pp=5), {}, "48 layers are not divisible by pp=5"),
+        (ParallelSizes(10, tp=2), {"vocab_size": 151935}, "vocab size 151935 is not divisible by tp=2"),
+        (ParallelSizes(10, tp=4), {}, "world size 10 is not divisible by tp*pp = 4*1"),
+        (ParallelSizes(8, etp=5), {"moe_ffn_hidden_size": 770}, "world size 8 is not divisible by etp*ep*pp = 5*1*1"),
+        (ParallelSizes(10, etp=5), {}, "expert FFN size 768 is not divisible by etp=5"),
+        (ParallelSizes(8, ep=0), {}, "ep=0 must be a positive integer"),
+        (ParallelSizes(8, ep=2), {"num_experts": None}, "ep=2 and etp=1 need a MoE model"),
+    ],
+)
+def test_invalid_layouts_name_the_numbers(sizes, overrides, message):
+    with pytest.raises(ValueError) as error:
+        validate_parallel_sizes(sizes, **{**QWEN3_30B_A3B, **overrides})
+    assert message in str(error.value)
+
+
+def _moe_config(**overrides):
+    base = dict(
+        vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+    )  # fmt: skip
+    return Qwen3MoeConfig(**{**base, **overrides})
+
+
+def test_router_translation_follows_norm_topk_prob():
+    # norm_topk_prob=True: weights renormalised over the top-k = megatron's top-k-then-softmax (pre_softmax False).
+    kwargs = transformer_config_kwargs(_moe_config(), ParallelSizes(1))
+    assert kwargs["moe_router_pre_softmax"] is False
+    assert kwargs["moe_router_dtype"] == "fp32" and kwargs["moe_router_load_balancing_type"] == "none"
+    kwargs = transformer_config_kwargs(_moe_config(norm_topk_prob=False, num_experts_per_tok=1), ParallelSizes(1))
+    assert kwargs["moe_router_pre_softmax"] is True and kwargs["moe_router_topk"] == 1
+    kwargs = transformer_config_kwargs(_moe_config(), ParallelSizes(1), moe=MoEOptions(aux_loss_coef=1e-3))
+    assert kwargs["moe_router_load_balancing_type"] == "aux_loss" and kwargs["moe_aux_loss_coeff"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides, options, message",
+    [
+        ({"num_experts_per_tok": 1}, MoEOptions(), "num_experts_per_tok=1 with norm_topk_prob=True"),
+        ({"mlp_only_layers": [1]}, MoEOptions(), "mlp_only_layers=[1]"),
+        ({}, MoEOptions(router_dtype="bf16"), "router_dtype='bf16'"),
+        ({}, MoEOptions(aux_loss_coef=-0.1), "aux_loss_coef=-0.1"),
+        ({"hidden_act": "gelu"}, MoEOptions(), "hidden_act='gelu'"),
+    ],
+)
+def test_unsupported_configs_raise(overrides, options, message):
+    with pytest.raises(ValueError) as error:
+        transformer_config_kwargs(_moe_config(**overrides), ParallelSizes(1), moe=options)
+    assert message in str(error.value)
+
+
+def test_fuse_qkv_groups_rows_per_kv_head():
+    # 4 query heads, 2 KV heads, head_dim 1, hidden 1: row r of q is head r, so the fused order is readable.
+    q = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    k = torch.tensor([[10.0], [11.0]])
+    v = torch.tensor([[20.0], [21.0]])
+    fused = fuse_qkv(q, k, v, num_heads=4, num_groups=2)
+    # group 0: q heads 0,1, k0, v0; group 1: q heads 2,3, k1, v1
+    assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    # TP=2 gives each rank whole groups.
+    assert shard(fused, 2, 1, 0).flatten().tolist() == [2, 3, 11, 21]
+    back = split_qkv(fused, num_heads=4, num_groups=2, head_dim=1)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v), strict=True))
+
+
+def test_gated_fc1_shards_keep_gate_and_up_rows_together():
+    gate = torch.arange(4.0)[:, None]  # rows 0..3
+    up = torch.arange(10.0, 14.0)[:, None]  # rows 10..13
+    shards = [shard_gated_fc1(gate, up, 2, r) for r in range(2)]
+    assert shards[0].flatten().tolist() == [0, 1, 10, 11]
+    assert shards[1].flatten().tolist() == [2, 3, 12, 13]
+    full_gate, full_up = unshard_gated_fc1(shards)
+    assert torch.equal(full_gate, gate) and torch.equal(full_up, up)
+
+
+def test_transformer_engine_names_map_to_local_names():
+    assert (
+        local_spec_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+        == "decoder.layers.3.input_layernorm.weight"
+    )
+    assert local_spec_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == (
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    )
+    assert local_spec_name("decoder.layers.1.mlp.experts.linear_fc2.weight17") == (
+        "decoder.layers.1.mlp.experts.local_experts.17.linear_fc2.weight"
+    )
+    assert local_spec_name("decoder.layers.1.mlp.router.weight") == "decoder.layers.1.mlp.router.weight"
