@@ -19,7 +19,7 @@ def prompt_text(task: CountdownTask) -> str:
     return f"Use {' '.join(str(n) for n in task.numbers)} to make {task.target}."
 
 
-def _format_value(value: Fraction) -> str:
+def _format_value(value: int | Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 

@@ -10,7 +10,7 @@ a small grammar, and evaluated with exact rationals:
     expr   := term (('+' | '-') term)*
     term   := factor (('*' | '/') factor)*
     factor := NUMBER | '(' expr ')'
-    NUMBER := ASCII digits only ('0'-'9'; other Unicode digits such as '٣' are malformed)
+    NUMBER := ASCII digits only ('0'-'9'; other Unicode digits such as '٣' are malformed), no leading zero
 
 '×' and '÷' are accepted as '*' and '/'; spaces, tabs and newlines are ignored. There is no unary minus (no given
 number is negative, so it is never needed). Work is bounded: an answer longer than MAX_ANSWER_CHARS or nested deeper
@@ -44,15 +44,17 @@ class MalformedAnswer(ValueError):
 def extract_answer(response: str) -> str | None:
     """The text of the LAST complete <answer>...</answer> block, or None.
 
-    The last block wins because a model may restate or correct itself; an unterminated trailing <answer> is ignored.
+    That is the last <answer> followed somewhere by </answer>, up to the first </answer> after it. The last block wins
+    because a model may restate or correct itself; an unterminated trailing <answer> and stray closing tags are ignored.
     """
-    end = response.rfind(CLOSE_TAG)
-    if end < 0:
+    last_close = response.rfind(CLOSE_TAG)
+    if last_close < 0:
         return None
-    start = response.rfind(OPEN_TAG, 0, end)
+    start = response.rfind(OPEN_TAG, 0, last_close)
     if start < 0:
         return None
-    return response[start + len(OPEN_TAG) : end]
+    start += len(OPEN_TAG)
+    return response[start : response.find(CLOSE_TAG, start)]
 
 
 def tokenize(text: str) -> list[str | int]:
@@ -71,6 +73,8 @@ def tokenize(text: str) -> list[str | int]:
                 j += 1
             if j - i > MAX_LITERAL_DIGITS:
                 raise MalformedAnswer(f"literal longer than {MAX_LITERAL_DIGITS} digits")
+            if text[i] == "0" and j - i > 1:
+                raise MalformedAnswer("literal with a leading zero")  # as Python and TinyZero's eval reject "07"
             tokens.append(int(text[i:j]))
             i = j
         elif ch in _OPERATORS:

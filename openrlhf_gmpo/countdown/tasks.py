@@ -21,16 +21,22 @@ class CountdownTask:
 Tree = int | tuple[str, "Tree", "Tree"]
 
 
-def _combine(a: Fraction, b: Fraction):
-    """Yield (operator, value) for every way to combine a and b in that order (exact; no division by zero)."""
+def _combine(a, b):
+    """Yield (operator, value) for every way to combine a and b in that order (exact; no division by zero).
+
+    Values stay Python ints while they are integral (several times faster than Fraction; equal values hash alike).
+    """
     yield "+", a + b
     yield "-", a - b
     yield "*", a * b
     if b != 0:
-        yield "/", a / b
+        if type(a) is int and type(b) is int and a % b == 0:
+            yield "/", a // b
+        else:
+            yield "/", Fraction(a, b)
 
 
-def reachable(numbers) -> dict[Fraction, Tree]:
+def reachable(numbers) -> dict[int | Fraction, Tree]:
     """Every value reachable using each number exactly once, mapped to the simplest tree that reaches it.
 
     Subset dynamic programming over bit masks: the values of a subset are all combinations of the values of its two
@@ -40,10 +46,9 @@ def reachable(numbers) -> dict[Fraction, Tree]:
     numbers = tuple(int(n) for n in numbers)
     count = len(numbers)
     # values[mask] maps value -> (cost, tree); cost = (has a fraction, has a negative, largest magnitude)
-    values: list[dict[Fraction, tuple[tuple[bool, bool, Fraction], Tree]]] = [{} for _ in range(1 << count)]
+    values: list[dict[int | Fraction, tuple[tuple[bool, bool, int | Fraction], Tree]]] = [{} for _ in range(1 << count)]
     for i, n in enumerate(numbers):
-        value = Fraction(n)
-        values[1 << i].setdefault(value, ((False, False, value), n))
+        values[1 << i].setdefault(n, ((False, False, n), n))
     for mask in range(1, 1 << count):
         if mask & (mask - 1) == 0:
             continue  # single number, set above
@@ -76,9 +81,9 @@ def render(tree: Tree, top: bool = True) -> str:
     return text if top else f"({text})"
 
 
-def evaluate_tree(tree: Tree) -> Fraction:
+def evaluate_tree(tree: Tree) -> int | Fraction:
     if isinstance(tree, int):
-        return Fraction(tree)
+        return tree
     op, left, right = tree
     return dict(_combine(evaluate_tree(left), evaluate_tree(right)))[op]
 
@@ -86,7 +91,7 @@ def evaluate_tree(tree: Tree) -> Fraction:
 def solve_tree(numbers, target: int) -> Tree | None:
     """A tree that reaches target using each number exactly once, or None if there is none."""
     _check_numbers(numbers)
-    return reachable(numbers).get(Fraction(target))
+    return reachable(numbers).get(target)
 
 
 def solve(numbers, target: int) -> str | None:
