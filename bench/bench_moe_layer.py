@@ -1,0 +1,400 @@
+"""One Qwen3-30B-A3B-shaped MoE layer, fwd+bwd: HF eager / grouped_mm, megatron-core local spec, our GroupedExperts.
+
+    python bench/bench_moe_layer.py                          # one H100: hidden 2048, 128 experts, top-8, FFN 768
+    python bench/bench_moe_layer.py --device cpu --small     # a few seconds on CPU: checks that every case runs
+
+Every implementation gets the same router, expert weights and tokens, so they route identically; the table shows the
+largest output difference from HF eager as a check. Routing is "even" (random router, near-uniform load) or "uneven":
+each expert's logits get a bias beta*log(p_e), p ~ Dirichlet(1), through a constant direction added to every token;
+the measured max/mean tokens per expert is printed. TFLOP/s counts expert GEMM work only:
+
+    FLOP = 3 (fwd + 2x bwd) * tokens * top_k * (2*H*2F + 2*F*H) = 18 * tokens * top_k * H * F
+
+(1.86e12 at full size), and is compared with a dense bf16 N x N x N matmul (2*N^3 FLOP, N = 8192) timed in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    experts: int
+    top_k: int
+    ffn: int
+    tokens: int
+    dense_n: int  # the dense matmul reference size
+
+    @property
+    def expert_flop(self) -> float:
+        """fwd+bwd FLOP of the expert GEMMs: 3 passes x 2 GEMMs (fc1 is 2F wide) per routed token."""
+        return 18.0 * self.tokens * self.top_k * self.hidden * self.ffn
+
+
+FULL = Shape(hidden=2048, experts=128, top_k=8, ffn=768, tokens=8192, dense_n=8192)
+SMALL = Shape(hidden=64, experts=8, top_k=2, ffn=32, tokens=256, dense_n=256)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+UNEVEN_BIAS = 0.3  # beta: 0.3 gives a max/mean load of a few x at full size, like an early-RL router
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(step, device: str, warmup: int, iters: int) -> float:
+    """Mean wall time of `step()` in ms, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000.0 / iters
+
+
+def fwd_bwd_step(module, make_input, grad_out):
+    """One forward+backward; grads set to None first so every step allocates them the same way."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        for param in params:
+            param.grad = None
+        output = module(make_input())
+        output = output[0] if isinstance(output, tuple) else output
+        output.backward(grad_out.view_as(output))
+
+    return step
+
+
+def dense_matmul_ms(n: int, device: str, dtype: torch.dtype, warmup: int, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return time_ms(lambda: torch.mm(a, b), device, warmup, iters)
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def init_megatron(device: str) -> None:
+    """A one-process world with megatron-core's parallel state (TP = EP = 1); CPU gets the test-only shims."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if device == "cpu":
+        sys.path.insert(0, str(REPO / "tests"))
+        import helpers_megatron
+
+        helpers_megatron.install_cpu_shims()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    if device == "cuda":
+        model_parallel_cuda_manual_seed(0)
+
+
+def megatron_config(shape: Shape, device: str, dtype: torch.dtype, num_layers: int = 1, **overrides):
+    """Qwen3-MoE experts as megatron-core configures them: SwiGLU, no biases, fp32 router, no aux loss."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=num_layers,
+        hidden_size=shape.hidden,
+        num_attention_heads=max(1, shape.hidden // 128),
+        ffn_hidden_size=shape.ffn * 8,
+        moe_ffn_hidden_size=shape.ffn,
+        num_moe_experts=shape.experts,
+        moe_router_topk=shape.top_k,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=True,
+        add_bias_linear=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=device == "cpu",
+    )
+    return TransformerConfig(**{**fields, **overrides})
+
+
+def moe_layer_spec(num_experts: int, grouped: bool):
+    """megatron-core's local MoE layer spec, with GroupedExperts in place of SequentialMLP when `grouped`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from openrlhf_gmpo.megatron.grouped_experts import grouped_experts_submodule
+
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+    )
+    if grouped:
+        moe = layer_spec.submodules.mlp
+        moe.keywords["submodules"] = replace(moe.keywords["submodules"], experts=grouped_experts_submodule())
+    return layer_spec
+
+
+def make_problem(shape: Shape, routing: str, seed: int = 0):
+    """Router weight [E, H], fc1 [E, 2F, H] (gate then up), fc2 [E, H, F] and tokens [T, H], all fp32 on CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    h, e, f, t = shape.hidden, shape.experts, shape.ffn, shape.tokens
+    router = torch.randn(e, h, generator=generator) * h**-0.5  # logits ~ N(0, 1)
+    fc1 = torch.randn(e, 2 * f, h, generator=generator) * h**-0.5
+    fc2 = torch.randn(e, h, f, generator=generator) * f**-0.5
+    tokens = torch.randn(t, h, generator=generator)
+    if routing == "uneven":
+        popularity = torch.distributions.Dirichlet(torch.ones(e)).sample()  # global RNG, seeded in main
+        direction = torch.randn(h, generator=generator)
+        direction /= direction.norm()
+        shift = 8.0  # every token gets ~8 along `direction`, so the router adds ~beta*log(p_e) to expert e's logit
+        tokens += shift * direction
+        router += UNEVEN_BIAS * torch.log(popularity)[:, None] / shift * direction[None]
+    elif routing != "even":
+        raise ValueError(f"routing must be 'even' or 'uneven', got {routing!r}")
+    return router, fc1, fc2, tokens
+
+
+def routing_of(router: torch.Tensor, tokens: torch.Tensor, top_k: int):
+    """Tokens per expert and the topk choice, as HF and megatron compute it (softmax, top-k, renormalise)."""
+    probs = torch.softmax(tokens @ router.T, dim=-1)
+    top_probs, top_experts = probs.topk(top_k, dim=-1)
+    counts = torch.bincount(top_experts.flatten(), minlength=router.shape[0])
+    return counts, top_probs / top_probs.sum(-1, keepdim=True)
+
+
+def hf_block(shape: Shape, weights, implementation: str, device: str, dtype: torch.dtype):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(
+        hidden_size=shape.hidden,
+        moe_intermediate_size=shape.ffn,
+        num_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+        norm_topk_prob=True,
+        experts_implementation=implementation,
+    )
+    router, fc1, fc2 = weights
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(router)
+        block.experts.gate_up_proj.copy_(fc1)
+        block.experts.down_proj.copy_(fc2)
+    return block.to(device, dtype)
+
+
+def megatron_state_dict(weights, prefix: str = "") -> dict:
+    router, fc1, fc2 = weights
+    state = {f"{prefix}router.weight": router}
+    for index in range(fc1.shape[0]):
+        state[f"{prefix}experts.local_experts.{index}.linear_fc1.weight"] = fc1[index]
+        state[f"{prefix}experts.local_experts.{index}.linear_fc2.weight"] = fc2[index]
+    return state
+
+
+def megatron_moe_layer(shape: Shape, weights, grouped: bool, device: str, dtype: torch.dtype):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    config = megatron_config(shape, device, dtype)
+    layer = moe_layer_spec(shape.experts, grouped).submodules.mlp(
+        config=config, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
+    missing, unexpected = layer.load_state_dict(megatron_state_dict(weights), strict=False)
+    if unexpected or any(not key.endswith("_extra_state") for key in missing):
+        raise RuntimeError(f"weights do not fit megatron's MoELayer: missing {missing}, unexpected {unexpected}")
+    layer = layer.to(device)
+    if grouped and device == "cpu":
+        layer.experts.run_grouped_on_cpu = True  # measure the grouped path, not the CPU fallback
+    return layer
+
+
+def run(args) -> dict:
+    shape = SMALL if args.small else FULL
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    init_megatron(device)
+    warmup, iters = (1, 3) if args.small else (3, 10)
+    rows = []
+
+    dense_ms = dense_matmul_ms(shape.dense_n, device, dtype, warmup, iters)
+    dense_tflops = 2 * shape.dense_n**3 / dense_ms / 1e9
+    rows.append(dict(case=f"dense matmul {shape.dense_n}^3", routing="-", ms=dense_ms, tflops=dense_tflops))
+
+    for routing in ("even", "uneven"):
+        router, fc1, fc2, tokens = make_problem(shape, routing)
+        weights = (router, fc1, fc2)
+        counts, _ = routing_of(router, tokens, shape.top_k)
+        load = (counts.max() / counts.float().mean()).item()
+        empty = int((counts == 0).sum())
+        x = tokens.to(device, dtype)
+        grad = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(7)).to(device, dtype)
+
+        layers = {
+            "HF Qwen3MoeSparseMoeBlock eager": lambda w=weights: hf_block(shape, w, "eager", device, dtype),
+            "HF Qwen3MoeSparseMoeBlock grouped_mm": lambda w=weights: hf_block(shape, w, "grouped_mm", device, dtype),
+            "megatron MoELayer, SequentialMLP": lambda w=weights: megatron_moe_layer(shape, w, False, device, dtype),
+            "megatron MoELayer, GroupedExperts": lambda w=weights: megatron_moe_layer(shape, w, True, device, dtype),
+        }
+        reference = None
+        for name, build in layers.items():
+            module = build()
+            hf = name.startswith("HF")
+            shaped = x.view(1, shape.tokens, shape.hidden) if hf else x.view(shape.tokens, 1, shape.hidden)
+            with torch.no_grad():
+                out = module(shaped)
+                out = (out[0] if isinstance(out, tuple) else out).reshape(shape.tokens, shape.hidden).float()
+            reference = out if reference is None else reference
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(fwd_bwd_step(module, lambda s=shaped: s, grad), device, warmup, iters)
+            rows.append(
+                dict(
+                    case=name,
+                    routing=routing,
+                    ms=ms,
+                    tflops=shape.expert_flop / ms / 1e9,
+                    load_max_over_mean=load,
+                    empty_experts=empty,
+                    max_abs_diff_vs_hf_eager=(out - reference).abs().max().item(),
+                    peak_gib=peak_gib(device),
+                )
+            )
+            del module
+
+        # The experts alone, on tokens already sorted by expert, as the dispatcher hands them over.
+        experts = expert_module(shape, weights, device, dtype)
+        permuted = torch.randn(int(counts.sum()), shape.hidden, device=device, dtype=dtype)
+        probs = torch.rand(int(counts.sum()), device=device)
+        grad_permuted = torch.randn_like(permuted)
+        counts_on_device = counts.to(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = fwd_bwd_step(_BoundExperts(experts, counts_on_device, probs), lambda p=permuted: p, grad_permuted)
+        ms = time_ms(step, device, warmup, iters)
+        rows.append(
+            dict(
+                case="GroupedExperts alone",
+                routing=routing,
+                ms=ms,
+                tflops=shape.expert_flop / ms / 1e9,
+                load_max_over_mean=load,
+                empty_experts=empty,
+                peak_gib=peak_gib(device),
+            )
+        )
+        del experts
+    for row in rows:
+        row["fraction_of_dense"] = row["tflops"] / dense_tflops
+    return dict(shape=shape.__dict__, device=device_name(device), dtype=str(dtype), rows=rows, goals=goals(rows))
+
+
+class _BoundExperts(torch.nn.Module):
+    """The experts module with this batch's routing bound, so the timing helper can call it with the tokens alone."""
+
+    def __init__(self, experts, tokens_per_expert, probs):
+        super().__init__()
+        self.experts, self.tokens_per_expert, self.probs = experts, tokens_per_expert, probs
+
+    def forward(self, hidden):
+        return self.experts(hidden, self.tokens_per_expert, self.probs)
+
+
+def expert_module(shape: Shape, weights, device: str, dtype: torch.dtype):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from openrlhf_gmpo.megatron.grouped_experts import grouped_experts_submodule
+
+    experts = grouped_experts_submodule()(
+        shape.experts,
+        megatron_config(shape, device, dtype),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    state = {k.removeprefix("experts."): v for k, v in megatron_state_dict(weights).items() if k.startswith("experts.")}
+    missing, unexpected = experts.load_state_dict(state, strict=False)
+    if unexpected or any(not key.endswith("_extra_state") for key in missing):
+        raise RuntimeError(f"weights do not fit GroupedExperts: missing {missing}, unexpected {unexpected}")
+    experts = experts.to(device)
+    experts.run_grouped_on_cpu = True
+    return experts
+
+
+def goals(rows) -> list[dict]:
+    """The two goals of issue 7, per routing, measured."""
+    result = []
+    for routing in ("even", "uneven"):
+        by_case = {row["case"]: row for row in rows if row["routing"] == routing}
+        ours = by_case["megatron MoELayer, GroupedExperts"]["tflops"]
+        hf = by_case["HF Qwen3MoeSparseMoeBlock grouped_mm"]["tflops"]
+        alone = by_case["GroupedExperts alone"]["fraction_of_dense"]
+        result.append(dict(goal=f"megatron MoE layer >= 2x HF grouped_mm ({routing})", measured=ours / hf, target=2.0))
+        result.append(dict(goal=f"GroupedExperts alone >= 50% of dense ({routing})", measured=alone, target=0.5))
+    for goal in result:
+        goal["met"] = goal["measured"] >= goal["target"]
+    return result
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+
+
+def print_table(result: dict) -> None:
+    print(f"device: {result['device']}  dtype: {result['dtype']}  shape: {result['shape']}")
+    header = (
+        f"{'case':40} {'routing':8} {'ms':>9} {'TFLOP/s':>9} {'x dense':>8} {'max/mean':>8} {'|diff|':>9} {'GiB':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        load = f"{row['load_max_over_mean']:.2f}" if "load_max_over_mean" in row else "-"
+        diff = f"{row['max_abs_diff_vs_hf_eager']:.2e}" if "max_abs_diff_vs_hf_eager" in row else "-"
+        gib = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "-"
+        print(
+            f"{row['case']:40} {row['routing']:8} {row['ms']:9.3f} {row['tflops']:9.3f} "
+            f"{row['fraction_of_dense']:8.3f} {load:>8} {diff:>9} {gib:>6}"
+        )
+    for goal in result["goals"]:
+        print(f"goal: {goal['goal']}: measured {goal['measured']:.2f}, {'met' if goal['met'] else 'NOT met'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--small", action="store_true", help="tiny shape (hidden 64, 8 experts) to check on CPU")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="fp32 checks the |diff| column")
+    parser.add_argument("--json", default="bench_moe_layer.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu --small to check the script")
+    result = run(args)
+    print_table(result)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
