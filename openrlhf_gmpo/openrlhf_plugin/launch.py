@@ -82,8 +82,8 @@ def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
     preset_tokens = preset_to_tokens(plan.preset_source, plan.preset, parser)
     if preset_tokens:
         _check_preset_alone(plan.preset_source, parser, parse, preset_tokens)
-    plan.tokens = [*preset_tokens, *plan.openrlhf_argv]
-    args = parse(plan.tokens)
+    args = parse([*preset_tokens, *plan.openrlhf_argv])
+    plan.tokens = last_occurrences(parser, [*preset_tokens, *plan.openrlhf_argv])
 
     openrlhf_train = module_globals["train"]
 
@@ -98,6 +98,22 @@ def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
 
     module_globals["train"] = train
     return args
+
+
+def last_occurrences(parser, tokens: list[str]) -> list[str]:
+    """The tokens with every flag but its last occurrence dropped (what argparse keeps), for a readable command.
+
+    Only called on tokens the parser accepted, so every token is a known flag or a value of the flag before it.
+    """
+    segments: dict[str, list[str]] = {}
+    for token in tokens:
+        action = parser._option_string_actions.get(token.split("=", 1)[0])
+        if action is not None:
+            segments.pop(action.dest, None)  # re-inserted last, so the order follows the last occurrences
+            segments[action.dest] = current = [token]
+        else:
+            current.append(token)
+    return [token for segment in segments.values() for token in segment]
 
 
 def _check_preset_alone(source, parser, parse, tokens):

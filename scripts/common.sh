@@ -1,0 +1,22 @@
+# shellcheck shell=bash
+# Sourced by scripts/{dense,moe}/*.sh: submit one preset as a Ray job running python3 -m openrlhf_gmpo.train_ppo_ray,
+# or, with DRY_RUN=1, print the fully resolved command after OpenRLHF's own parser validated it (no Ray contacted).
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The repository is the job's working_dir: Ray uploads it and puts it on sys.path of the driver and of every
+# worker, so openrlhf_gmpo (the policy actor class Ray unpickles by reference), configs/ and the reward files are
+# importable/readable on every node. Large local folders stay out of the upload: pass models and data that live in
+# them as absolute paths on storage all nodes share.
+RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", ".cache", "runs", "data", "*.egg-info"]}' "$REPO_ROOT")"
+
+# submit_preset PRESET [OPENRLHF_FLAG ...]
+submit_preset() {
+  local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${@:2}")
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    (cd "$REPO_ROOT" && "${PYTHON:-python3}" "${launcher[@]}" --dry-run)
+    return
+  fi
+  : "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard address (e.g. http://head-node:8265) or run with DRY_RUN=1}"
+  ray job submit --address "$RAY_ADDRESS" --runtime-env-json "$RUNTIME_ENV_JSON" -- python3 "${launcher[@]}"
+}

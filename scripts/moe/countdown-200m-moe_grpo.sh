@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GRPO baseline on the ~200M CountDown MoE: configs/countdown-200m-moe_grpo.yaml as a Ray job.
+#   RAY_ADDRESS=http://head-node:8265 bash scripts/moe/countdown-200m-moe_grpo.sh [extra OpenRLHF flags]
+#   DRY_RUN=1 bash scripts/moe/countdown-200m-moe_grpo.sh    # print the resolved command, validated by OpenRLHF's parser; no Ray
+# NODES / GPUS_PER_NODE / VLLM_TP size the cluster (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated);
+# MODEL / DATASET override the preset's model and prompt data.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+NODES="${NODES:-1}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
+VLLM_TP="${VLLM_TP:-1}"
+MODEL="${MODEL:-$REPO_ROOT/runs/countdown-200m-sft}"
+DATASET="${DATASET:-$REPO_ROOT/data/countdown/train.jsonl}"
+
+CLUSTER=(
+  --actor.num_nodes "$NODES"
+  --actor.num_gpus_per_node "$GPUS_PER_NODE"
+  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
+  --vllm.tensor_parallel_size "$VLLM_TP"
+)
+INPUTS=(
+  --actor.model_name_or_path "$MODEL"
+  --data.prompt_dataset "$DATASET"
+)
+
+submit_preset configs/countdown-200m-moe_grpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"

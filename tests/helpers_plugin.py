@@ -1,0 +1,65 @@
+"""Shared helpers of the OpenRLHF plugin tests: the launcher in dry-run mode, a tiny Qwen3-MoE, loss inputs."""
+
+import glob
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+SCRIPTS = sorted(
+    glob.glob(os.path.join(ROOT, "scripts", "dense", "*.sh")) + glob.glob(os.path.join(ROOT, "scripts", "moe", "*.sh"))
+)
+# The CountDown engineer's SFT script is not a preset launcher.
+PRESET_SCRIPTS = [path for path in SCRIPTS if not path.endswith("countdown_200m_sft.sh")]
+
+
+def dry_run(*argv: str):
+    """Run the launcher with --dry-run in this process; returns the LaunchPlan (plan.args: OpenRLHF's args)."""
+    from openrlhf_gmpo.train_ppo_ray import main
+
+    return main(["--dry-run", *argv])
+
+
+def resolved(args, dotted: str):
+    """args.a.b.c for "a.b.c" on OpenRLHF's hierarchized namespace."""
+    value = args
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def save_tiny_qwen3_moe(path) -> str:
+    """A randomly initialised 2-layer Qwen3-MoE (hidden 32, 4 experts, top-2) saved as an HF checkpoint."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
+    Qwen3MoeForCausalLM(config).save_pretrained(str(path))
+    return str(path)
+
+
+def loss_inputs(batch: int = 3, length: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random log-probs near a reference policy, per-token advantages constant per sequence, a ragged mask."""
+    generator = torch.Generator().manual_seed(seed)
+    old = -torch.rand(batch, length, generator=generator) * 2
+    new = old + 0.3 * torch.randn(batch, length, generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, 3:] = False  # sequence 0 has 3 valid tokens
+    advantages = torch.tensor([1.0, -0.5, 2.0][:batch]).unsqueeze(-1).expand(batch, length).clone()
+    return {"log_probs": new, "old_log_probs": old, "advantages": advantages, "action_mask": mask}
