@@ -163,8 +163,8 @@ def test_metrics_are_detached_fp32_scalars():
 def test_register_loss_and_unknown_name():
     def constant(batch, *, eps_low, eps_high):
         ratio = torch.ones_like(batch.advantages)
-        flags = torch.zeros_like(batch.mask)
-        return PolicyLossTerms(-batch.advantages * ratio, ratio, flags, flags)
+        none = torch.zeros_like(ratio)
+        return PolicyLossTerms(-batch.advantages * ratio, ratio, none, none, "token")
 
     register_loss("test_constant_ratio")(constant)
     try:

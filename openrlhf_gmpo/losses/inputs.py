@@ -68,6 +68,16 @@ def _global_batch_size_tensor(global_batch_size, device) -> torch.Tensor | None:
     return torch.tensor(check_positive("global_batch_size", global_batch_size), device=device)
 
 
+def _first_bad(checks: list[tuple[str, str, torch.Tensor]]) -> None:
+    """Raise for the first check whose 0-d bool tensor is True; all are copied to the host together (one sync)."""
+    if not checks:
+        return
+    flags = torch.stack([bad for _, _, bad in checks]).tolist()
+    for (name, message, _), bad in zip(checks, flags, strict=True):
+        if bad:
+            raise ValueError(f"{name} {message}")
+
+
 def prepare_batch(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -94,57 +104,69 @@ def prepare_batch(
     if advantages.shape not in (shape, shape[:1]):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B] or [B, L] = {tuple(shape)}")
 
-    # (name, message, bad: 0-d bool tensor): evaluated together below with one host sync.
-    checks: list[tuple[str, str, torch.Tensor]] = []
     if action_mask.dtype == torch.bool:
         mask = action_mask
     else:
-        checks.append(
-            ("action_mask", "must hold only 0/1 (boolean-like) values", ((action_mask != 0) & (action_mask != 1)).any())
-        )
+        bad_values = ((action_mask != 0) & (action_mask != 1)).any()
+        _first_bad([("action_mask", "must hold only 0/1 (boolean-like) values", bad_values)])
         mask = action_mask != 0
     lengths = mask.sum(dim=-1, dtype=torch.float32)  # (B,)
+    valid_seq = lengths > 0
 
-    def not_finite_at_valid(t: torch.Tensor) -> torch.Tensor:
-        return (mask & ~torch.isfinite(t.detach())).any()
-
-    checks.append(("log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(log_probs)))
-    checks.append(("old_log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(old_log_probs)))
+    # Fast checks, one host sync: a masked sum is finite iff every valid entry is finite (an overflowing sum of
+    # huge finite values is re-checked entry by entry below before anything is reported).
+    # torch.where (never a multiply) so NaN/inf at masked positions never reach the loss or its gradient.
+    masked_diff = torch.where(mask, log_probs.float() - old_log_probs.detach().float(), 0.0)  # (B, L)
+    fast: list[tuple[str, str, torch.Tensor]] = [("log_probs", "", ~torch.isfinite(masked_diff.detach().sum()))]
 
     adv = advantages.detach().float()
     if adv.dim() == 2:
-        # The value at each sequence's first valid token (argmax returns the first maximum), checked against the rest.
-        first = mask.to(torch.uint8).argmax(dim=-1, keepdim=True)  # (B, 1)
-        seq_adv = adv.gather(-1, first).squeeze(-1)  # (B,)
-        tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * seq_adv.abs().unsqueeze(-1)
-        varies = mask & ~((adv - seq_adv.unsqueeze(-1)).abs() <= tol)  # NaN differences count as varying
-        checks.append(("advantages", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(adv)))
-        checks.append(("advantages", "must be constant over each sequence's valid tokens", varies.any()))
-    else:
-        seq_adv = adv
-        checks.append(
-            ("advantages", "has NaN/inf for a sequence with valid tokens", ((lengths > 0) & ~torch.isfinite(adv)).any())
+        lowest = torch.where(mask, adv, torch.inf).amin(dim=-1)  # (B,), NaN propagates
+        highest = torch.where(mask, adv, -torch.inf).amax(dim=-1)
+        spread = highest - lowest
+        tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * lowest.abs()
+        fast.append(
+            ("advantages", "has NaN/inf at a valid (unmasked) position", (valid_seq & ~torch.isfinite(spread)).any())
         )
-    seq_adv = torch.where(lengths > 0, seq_adv, 0.0)
+        fast.append(
+            ("advantages", "must be constant over each sequence's valid tokens", (valid_seq & (spread > tol)).any())
+        )
+        seq_adv = lowest
+    else:
+        fast.append(
+            ("advantages", "has NaN/inf for a sequence with valid tokens", (valid_seq & ~torch.isfinite(adv)).any())
+        )
+        seq_adv = adv
+    seq_adv = torch.where(valid_seq, seq_adv, 0.0)
 
     rollout_log_ratio = None
     if rollout_log_probs is not None:
-        checks.append(
-            ("rollout_log_probs", "has NaN/inf at a valid (unmasked) position", not_finite_at_valid(rollout_log_probs))
-        )
-        diff = old_log_probs.detach().float() - rollout_log_probs.detach().float()
-        rollout_log_ratio = torch.where(mask, diff, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        rollout_diff = torch.where(mask, old_log_probs.detach().float() - rollout_log_probs.detach().float(), 0.0)
+        fast.append(("rollout_log_probs", "", ~torch.isfinite(rollout_diff.sum())))
+        rollout_log_ratio = rollout_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
     gbs = _global_batch_size_tensor(global_batch_size, log_probs.device)
     if isinstance(global_batch_size, torch.Tensor):
-        checks.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~torch.isfinite(gbs)))
+        fast.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~torch.isfinite(gbs)))
 
-    flags = torch.stack([bad for _, _, bad in checks]).tolist()
-    for (name, message, _), bad in zip(checks, flags, strict=True):
-        if bad:
-            raise ValueError(f"{name} {message}")
+    flags = torch.stack([bad for _, _, bad in fast]).tolist()
+    if any(flags):
+        for (name, message, _), bad in zip(fast, flags, strict=True):
+            if bad and message:
+                raise ValueError(f"{name} {message}")
+        _check_finite_at_valid(
+            mask, log_probs=log_probs, old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs
+        )
 
-    # torch.where (never a multiply) so NaN/inf at masked positions neither reach the loss nor its gradient.
-    diff = log_probs.float() - old_log_probs.detach().float()
-    log_ratio = torch.where(mask, diff, 0.0).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    log_ratio = masked_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return SequenceBatch(log_ratio, mask, seq_adv, lengths), rollout_log_ratio, gbs
+
+
+def _check_finite_at_valid(mask: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """The slow path after a non-finite masked sum: find which argument holds the NaN/inf, if any really does."""
+    checks = [
+        (name, "has NaN/inf at a valid (unmasked) position", (mask & ~torch.isfinite(t.detach())).any())
+        for name, t in tensors.items()
+        if t is not None
+    ]
+    _first_bad(checks)

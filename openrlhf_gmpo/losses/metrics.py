@@ -1,7 +1,9 @@
 """Diagnostics of one policy-loss call: ratio ranges, clip fractions, KL. All 0-d detached fp32 tensors.
 
-A batch without any valid token reports neutral values (ratios 1, fractions and KL 0) rather than NaN, because
-OpenRLHF averages every metric over micro-batches and one NaN would poison the logged mean.
+Written to need few passes over the (B, L) tensors (this runs on every micro-batch): masked positions hold a
+log-ratio of exactly 0, so e^d - 1 and the k3 term vanish there without a mask. A batch without any valid token
+reports neutral values (ratios 1, fractions and KL 0) rather than NaN, because OpenRLHF averages every metric over
+micro-batches and one NaN would poison the logged mean.
 """
 
 import torch
@@ -10,49 +12,47 @@ from openrlhf_gmpo.losses.inputs import SequenceBatch
 from openrlhf_gmpo.losses.registry import PolicyLossTerms
 
 
-def _masked_stats(values: torch.Tensor, mask: torch.Tensor, neutral: float) -> tuple[torch.Tensor, ...]:
-    """(min, max, mean) of values where mask is True; `neutral` for all three when nothing is selected."""
-    count = mask.sum()
-    any_valid = count > 0
-    lo = torch.where(mask, values, torch.inf).amin()
-    hi = torch.where(mask, values, -torch.inf).amax()
-    mean = torch.where(mask, values, 0.0).sum() / count.clamp(min=1)
-    return tuple(torch.where(any_valid, v, neutral) for v in (lo, hi, mean))
-
-
-def _fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (flags & mask).sum(dtype=torch.float32) / mask.sum(dtype=torch.float32).clamp(min=1.0)
+def _valid_range(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of values where mask is True, in one pass: masked entries are replaced by one valid entry."""
+    flat_mask = mask.reshape(-1)
+    anchor = values.reshape(-1)[flat_mask.to(torch.uint8).argmax()]  # first valid entry (any entry if none)
+    return torch.aminmax(torch.where(mask, values, anchor))
 
 
 @torch.no_grad()
 def loss_metrics(batch: SequenceBatch, terms: PolicyLossTerms) -> dict[str, torch.Tensor]:
     """Metrics of the contract; see compute_policy_loss for each key's meaning."""
-    token_ratio = torch.exp(batch.log_ratio)  # (B, L) unclipped, after the +-20 safety clamp
-    tmin, tmax, tmean = _masked_stats(token_ratio, batch.mask, 1.0)
-    smin, smax, _ = _masked_stats(terms.seq_ratio.float(), batch.valid_seq, 1.0)
+    d = batch.log_ratio  # (B, L), 0 at masked positions, +-20 safety clamp applied
+    n_tokens = batch.lengths.sum()
+    any_token = n_tokens > 0
+    valid = batch.valid_seq  # (B,)
+    n_seqs = valid.sum().clamp(min=1)
 
-    if terms.clipped_low.dim() == 2:  # token-level clipping: fractions of valid tokens
-        low = _fraction(terms.clipped_low, batch.mask)
-        high = _fraction(terms.clipped_high, batch.mask)
-        every_token = ((terms.clipped_low | terms.clipped_high) | ~batch.mask).all(dim=-1)  # (B,)
-        seq_clip = _fraction(every_token, batch.valid_seq)
-    else:  # sequence-level clipping: fractions of sequences with valid tokens
-        low = _fraction(terms.clipped_low, batch.valid_seq)
-        high = _fraction(terms.clipped_high, batch.valid_seq)
-        seq_clip = _fraction(terms.clipped_low | terms.clipped_high, batch.valid_seq)
-
+    ratio_minus_one = torch.expm1(d)  # (B, L), exactly 0 at masked positions
+    token_ratio_mean = 1.0 + ratio_minus_one.sum() / n_tokens.clamp(min=1)
     # k3 estimator of KL(pi_old || pi_new) from tokens sampled by pi_old: with r = pi_new / pi_old = e^d,
     # (r - 1) - log r >= 0, unbiased, and low-variance near r = 1 (http://joschu.net/blog/kl-approx.html).
-    k3 = torch.expm1(batch.log_ratio) - batch.log_ratio
-    _, _, kl = _masked_stats(k3, batch.mask, 0.0)
+    approx_kl = (ratio_minus_one - d).sum() / n_tokens.clamp(min=1)
+    d_min, d_max = _valid_range(d, batch.mask)
+    s_min, s_max = _valid_range(terms.seq_ratio.float(), valid)
+
+    low, high = terms.clipped_low, terms.clipped_high  # (B,), 0 for sequences without valid tokens
+    if terms.clip_level == "token":  # fractions of valid tokens; a sequence counts when all its tokens are clipped
+        denominator = n_tokens.clamp(min=1)
+        every_token_clipped = valid & (low + high >= batch.lengths)
+    else:  # fractions of sequences with valid tokens
+        denominator = n_seqs
+        every_token_clipped = valid & (low + high > 0)
+
+    neutral_one = torch.ones((), device=d.device)
     return {
-        "token_ratio_min": tmin,
-        "token_ratio_max": tmax,
-        "token_ratio_mean": tmean,
-        "seq_ratio_min": smin,
-        "seq_ratio_max": smax,
-        "clip_frac_low": low,
-        "clip_frac_high": high,
-        "approx_kl": kl,
-        "seq_clip_frac": seq_clip,
+        "token_ratio_min": torch.where(any_token, torch.exp(d_min), neutral_one),
+        "token_ratio_max": torch.where(any_token, torch.exp(d_max), neutral_one),
+        "token_ratio_mean": token_ratio_mean,
+        "seq_ratio_min": torch.where(any_token, s_min, neutral_one),
+        "seq_ratio_max": torch.where(any_token, s_max, neutral_one),
+        "clip_frac_low": torch.where(valid, low, 0.0).sum() / denominator,
+        "clip_frac_high": torch.where(valid, high, 0.0).sum() / denominator,
+        "approx_kl": approx_kl,
+        "seq_clip_frac": every_token_clipped.sum() / n_seqs,
     }

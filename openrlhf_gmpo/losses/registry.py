@@ -15,12 +15,18 @@ import torch
 
 
 class PolicyLossTerms(NamedTuple):
-    """What a loss function returns; B is the number of sequences, L the padded length."""
+    """What a loss function returns; B is the number of sequences.
+
+    Clipping is reported per sequence so the metrics need no further pass over (B, L) tensors: for token-level
+    clipping the number of the sequence's valid tokens whose clip is active, for sequence-level clipping 1.0 where
+    the sequence's own clip is active. Counts are one-sided: low only where A < 0, high only where A > 0.
+    """
 
     seq_loss: torch.Tensor  # (B,) per-sequence loss, differentiable; ignored where the sequence has no valid token
-    seq_ratio: torch.Tensor  # (B,) the (clipped) sequence-level ratio the loss multiplies the advantage by
-    clipped_low: torch.Tensor  # bool, (B, L) for token-level clipping or (B,) for sequence-level clipping
-    clipped_high: torch.Tensor  # same shape as clipped_low
+    seq_ratio: torch.Tensor  # (B,) detached: the (clipped) sequence-level ratio the loss multiplies the advantage by
+    clipped_low: torch.Tensor  # (B,) fp32 count (token level) or 0/1 flag (sequence level)
+    clipped_high: torch.Tensor  # (B,) same
+    clip_level: str  # "token" or "sequence"
 
 
 LossFn = Callable[..., PolicyLossTerms]

@@ -1,0 +1,163 @@
+"""Forward+backward time and peak memory of every policy loss vs OpenRLHF's own PolicyLoss (ppo) on the same tensors.
+
+    python bench/bench_losses.py --device cuda                                   # B=512, L=8192 (the GPU goal)
+    python bench/bench_losses.py --device cpu --batch 64 --length 1024 --repeats 5
+
+The inputs mirror what OpenRLHF's actor passes: fp32 log-probs (B, L), per-token advantages (B, L) constant over a
+sequence, a bool action mask with ragged lengths. Timing covers one loss forward plus `loss.backward()` (the
+gradient of the log-probs), median over --repeats after --warmup calls. Peak memory (CUDA only) is the allocator's
+peak during one forward+backward minus what was allocated before it (the inputs), i.e. the loss's own workspace.
+Prints a table and writes JSON. The GPU goal: gmpo <= 1.3x PolicyLoss time at B=512, L=8192.
+"""
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+# One clip bound for every loss and for PolicyLoss: its value does not change the work done.
+EPS = 0.2
+
+
+def import_policy_loss():
+    """openrlhf.models imports flash-attn, whose compiled extension is absent on CPU-only machines.
+
+    PolicyLoss does not use it, so an empty module stands in when it is missing; returns (class, note).
+    """
+    note = ""
+    if importlib.util.find_spec("flash_attn_2_cuda") is None:
+        sys.modules["flash_attn_2_cuda"] = types.ModuleType("flash_attn_2_cuda")
+        note = "flash_attn_2_cuda is not installed: registered an empty module for it (PolicyLoss does not use it)"
+    from openrlhf.models.loss import PolicyLoss
+
+    return PolicyLoss, note
+
+
+def make_inputs(batch: int, length: int, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    old = -torch.rand(batch, length, generator=g) * 3
+    log_probs = old + torch.randn(batch, length, generator=g) * 0.3
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    advantages = torch.randn(batch, 1, generator=g).expand(batch, length).contiguous()
+    return [t.to(device) for t in (log_probs, old, advantages, mask)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(step, device: str, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """(median seconds of one step, peak extra MiB or None on CPU)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(times), peak
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default="bench_losses.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.length < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit(f"--batch, --length, --repeats must be >= 1 and --warmup >= 0, got {vars(args)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine (use --device cpu)")
+
+    from openrlhf_gmpo.losses import LOSS_NAMES, compute_policy_loss
+
+    PolicyLoss, note = import_policy_loss()
+    if note:
+        print(f"note: {note}")
+    log_probs, old, advantages, mask = make_inputs(args.batch, args.length, args.device)
+    leaf = log_probs.clone().requires_grad_(True)
+
+    def openrlhf_step():
+        leaf.grad = None
+        loss = ppo(leaf, old, advantages, action_mask=mask)[0]
+        loss.backward()
+
+    def ours(name, eps):
+        def step():
+            leaf.grad = None
+            loss, _ = compute_policy_loss(name, leaf, old, advantages, mask, clip_eps_low=eps, clip_eps_high=eps)
+            loss.backward()
+
+        return step
+
+    ppo = PolicyLoss(clip_eps_low=EPS, clip_eps_high=EPS)  # OpenRLHF's default policy_loss_type="ppo"
+    cases = [("openrlhf PolicyLoss(ppo)", openrlhf_step)]
+    cases += [(name, ours(name, EPS)) for name in LOSS_NAMES]
+
+    rows = []
+    for label, step in cases:
+        seconds, peak = measure(step, args.device, args.warmup, args.repeats)
+        rows.append({"loss": label, "ms": seconds * 1e3, "peak_extra_mib": peak})
+    reference = rows[0]["ms"]
+    for row in rows:
+        row["x_openrlhf"] = row["ms"] / reference
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+    threads = torch.get_num_threads()
+    print(f"device: {device} ({args.device}, {threads} threads), torch {torch.__version__}")
+    timing = f"median of {args.repeats} after {args.warmup} warm-up"
+    print(f"B={args.batch}, L={args.length}, fp32 log-probs, eps {EPS}, fwd+bwd, {timing}")
+    print(f"{'loss':<26}{'ms':>10}{'x PolicyLoss':>14}{'peak extra MiB':>16}")
+    for row in rows:
+        peak = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.0f}"
+        print(f"{row['loss']:<26}{row['ms']:>10.2f}{row['x_openrlhf']:>14.2f}{peak:>16}")
+    result = {
+        "device": device,
+        "device_kind": args.device,
+        "threads": threads,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "length": args.length,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "note": note,
+        "rows": rows,
+    }
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
