@@ -72,3 +72,47 @@ def random_batch(seed: int, batch: int = 6, length: int = 9, scale: float = 0.5,
 def close(actual, expected, tol: float = 1e-5) -> bool:
     as_float = lambda x: float(x.detach()) if isinstance(x, torch.Tensor) else float(x)  # noqa: E731
     return math.isclose(as_float(actual), as_float(expected), rel_tol=tol, abs_tol=tol)
+
+
+def reference_metrics(name: str, log_probs, old_log_probs, advantages, mask, eps_low: float, eps_high: float) -> dict:
+    """Clip fractions and ratio ranges by counting token by token (and sequence by sequence) in a Python loop."""
+    token_level = name in ("gmpo", "gmpo_no_norm", "grpo")
+    ratio_space = name in ("grpo", "gspo")
+    low = high = all_clipped = n_tokens = n_seqs = 0
+    ratios, seq_ratios, k3 = [], [], []
+    for i in range(log_probs.shape[0]):
+        d = [float(log_probs[i, t] - old_log_probs[i, t]) for t in range(log_probs.shape[1]) if mask[i, t]]
+        if not d:
+            continue
+        a, n = float(advantages[i]), len(d)
+        n_tokens, n_seqs = n_tokens + n, n_seqs + 1
+        ratios += [math.exp(x) for x in d]
+        k3 += [math.exp(x) - 1 - x for x in d]
+        dd = torch.tensor(d, dtype=torch.float64)
+        seq_ratios.append(float(reference_seq_loss(name, dd, a, eps_low, eps_high) / -a) if a != 0 else None)
+        if token_level:
+            lo_bound, hi_bound = (
+                (1 - eps_low, 1 + eps_high) if ratio_space else (math.exp(-eps_low), math.exp(eps_high))
+            )
+            seq_low = sum(1 for x in d if a < 0 and math.exp(x) < lo_bound)
+            seq_high = sum(1 for x in d if a > 0 and math.exp(x) > hi_bound)
+            low, high = low + seq_low, high + seq_high
+            all_clipped += int(seq_low + seq_high == n)
+        elif name != "gmpo_no_clip":
+            mean = sum(d) / n
+            lo_bound, hi_bound = (
+                (math.log(1 - eps_low), math.log(1 + eps_high)) if ratio_space else (-eps_low, eps_high)
+            )
+            seq_low, seq_high = int(a < 0 and mean < lo_bound), int(a > 0 and mean > hi_bound)
+            low, high, all_clipped = low + seq_low, high + seq_high, all_clipped + seq_low + seq_high
+    denominator = n_tokens if token_level else n_seqs
+    return {
+        "clip_frac_low": low / denominator,
+        "clip_frac_high": high / denominator,
+        "seq_clip_frac": all_clipped / n_seqs,
+        "token_ratio_min": min(ratios),
+        "token_ratio_max": max(ratios),
+        "token_ratio_mean": sum(ratios) / len(ratios),
+        "approx_kl": sum(k3) / len(k3),
+        "seq_ratios": [r for r in seq_ratios if r is not None],
+    }

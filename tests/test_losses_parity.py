@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers_losses import random_batch, reference_loss
+from helpers_losses import random_batch, reference_loss, reference_metrics
 
 from openrlhf_gmpo.losses import LOSS_NAMES, compute_policy_loss
 
@@ -51,3 +51,19 @@ def test_unclipped_gradient_is_paper_eq6(name):
     per_seq_weight = -advantages * geo_ratio / lengths.clamp(min=1) / valid.sum()  # mean over valid sequences
     expected = torch.where(mask, per_seq_weight.unsqueeze(-1), 0.0)
     torch.testing.assert_close(log_probs.grad, expected)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_metrics_match_token_by_token_counts(name):
+    for seed in range(6):
+        log_probs, old, advantages, mask = random_batch(seed, batch=10)
+        advantages[1] = 0.0  # a zero advantage clips on neither side
+        _, metrics = compute_policy_loss(name, log_probs, old, advantages, mask, clip_eps_low=0.2, clip_eps_high=0.3)
+        ref = reference_metrics(name, log_probs.detach(), old, advantages, mask, 0.2, 0.3)
+        for key in ("clip_frac_low", "clip_frac_high", "seq_clip_frac"):
+            assert metrics[key].item() == pytest.approx(ref[key], abs=1e-6), (key, seed)
+        for key in ("token_ratio_min", "token_ratio_max", "token_ratio_mean", "approx_kl"):
+            assert metrics[key].item() == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (key, seed)
+        # the reported range covers every sequence with a non-zero advantage (ratio = loss_i / -A_i)
+        assert metrics["seq_ratio_min"].item() <= min(ref["seq_ratios"]) * (1 + 1e-5)
+        assert metrics["seq_ratio_max"].item() >= max(ref["seq_ratios"]) * (1 - 1e-5)
