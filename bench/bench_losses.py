@@ -4,7 +4,7 @@
     python bench/bench_losses.py --device cpu --batch 64 --length 1024 --repeats 5
 
 The inputs mirror what OpenRLHF's actor passes: fp32 log-probs (B, L), per-token advantages (B, L) constant over a
-sequence, a bool action mask with ragged lengths. Timing covers one loss forward plus `loss.backward()` (the
+sequence, an int64 0/1 action mask with ragged lengths. Timing covers one loss forward plus `loss.backward()` (the
 gradient of the log-probs), median over --repeats after --warmup calls. Peak memory (CUDA only) is the allocator's
 peak during one forward+backward minus what was allocated before it (the inputs), i.e. the loss's own workspace.
 Prints a table and writes JSON. The GPU goal: gmpo <= 1.3x PolicyLoss time at B=512, L=8192.
@@ -45,7 +45,7 @@ def make_inputs(batch: int, length: int, device: str, seed: int = 0):
     old = -torch.rand(batch, length, generator=g) * 3
     log_probs = old + torch.randn(batch, length, generator=g) * 0.3
     lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
-    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()  # OpenRLHF's action_mask is int64 0/1
     advantages = torch.randn(batch, 1, generator=g).expand(batch, length).contiguous()
     return [t.to(device) for t in (log_probs, old, advantages, mask)]
 

@@ -104,20 +104,25 @@ def prepare_batch(
     if advantages.shape not in (shape, shape[:1]):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B] or [B, L] = {tuple(shape)}")
 
+    # Fast checks, one host sync: a masked sum is finite iff every valid entry is finite (an overflowing sum of
+    # huge finite values is re-checked entry by entry below before anything is reported).
+    fast: list[tuple[str, str, torch.Tensor]] = []
     if action_mask.dtype == torch.bool:
         mask = action_mask
-    else:
-        bad_values = ((action_mask != 0) & (action_mask != 1)).any()
-        _first_bad([("action_mask", "must hold only 0/1 (boolean-like) values", bad_values)])
+    else:  # OpenRLHF's action_mask is int64 0/1
+        if action_mask.is_floating_point():
+            bad_values = ((action_mask != 0) & (action_mask != 1)).any()
+        else:
+            lowest, highest = torch.aminmax(action_mask)
+            bad_values = (lowest < 0) | (highest > 1)
+        fast.append(("action_mask", "must hold only 0/1 (boolean-like) values", bad_values))
         mask = action_mask != 0
     lengths = mask.sum(dim=-1, dtype=torch.float32)  # (B,)
     valid_seq = lengths > 0
 
-    # Fast checks, one host sync: a masked sum is finite iff every valid entry is finite (an overflowing sum of
-    # huge finite values is re-checked entry by entry below before anything is reported).
     # torch.where (never a multiply) so NaN/inf at masked positions never reach the loss or its gradient.
     masked_diff = torch.where(mask, log_probs.float() - old_log_probs.detach().float(), 0.0)  # (B, L)
-    fast: list[tuple[str, str, torch.Tensor]] = [("log_probs", "", ~torch.isfinite(masked_diff.detach().sum()))]
+    fast.append(("log_probs", "", ~torch.isfinite(masked_diff.detach().sum())))
 
     adv = advantages.detach().float()
     if adv.dim() == 2:
