@@ -106,8 +106,8 @@ def init_megatron(device: str) -> None:
         os.environ.setdefault("MASTER_PORT", "29517")
         torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    if device == "cuda":
-        model_parallel_cuda_manual_seed(0)
+    # megatron's attention forks its model-parallel RNG even without dropout; on CPU the inference tracker holds it.
+    model_parallel_cuda_manual_seed(0, inference_rng_tracker=device == "cpu")
 
 
 def megatron_config(shape: Shape, device: str, dtype: torch.dtype, num_layers: int = 1, **overrides):
