@@ -24,6 +24,10 @@ def test_ruff_format():
 
 
 def test_shellcheck():
-    scripts = [".ci/run", *glob.glob("tools/*.sh", root_dir=ROOT), *glob.glob("scripts/**/*.sh", root_dir=ROOT, recursive=True)]
+    scripts = [
+        ".ci/run",
+        *glob.glob("tools/*.sh", root_dir=ROOT),
+        *glob.glob("scripts/**/*.sh", root_dir=ROOT, recursive=True),
+    ]
     result = _run(os.path.join(BIN, "shellcheck"), "--external-sources", *scripts)
     assert result.returncode == 0, result.stdout + result.stderr
