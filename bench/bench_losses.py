@@ -1,12 +1,13 @@
 """Forward+backward time and peak memory of every policy loss vs OpenRLHF's own PolicyLoss (ppo) on the same tensors.
 
     python bench/bench_losses.py --device cuda                                   # B=512, L=8192 (the GPU goal)
-    python bench/bench_losses.py --device cpu --batch 64 --length 1024 --repeats 5
+    python bench/bench_losses.py --device cpu --batch 64 --length 1024 --repeats 20
 
 The inputs mirror what OpenRLHF's actor passes: fp32 log-probs (B, L), per-token advantages (B, L) constant over a
 sequence, an int64 0/1 action mask with ragged lengths. Timing covers one loss forward plus `loss.backward()` (the
-gradient of the log-probs), median over --repeats after --warmup calls. Peak memory (CUDA only) is the allocator's
-peak during one forward+backward minus what was allocated before it (the inputs), i.e. the loss's own workspace.
+gradient of the log-probs): median and min over --repeats calls after --warmup, the cases taken in turn so that load
+drift on a shared machine hits them alike. Peak memory (CUDA only) is the allocator's peak during one
+forward+backward minus what was allocated before it (the inputs), i.e. the loss's own workspace.
 Prints a table and writes JSON. The GPU goal: gmpo <= 1.3x PolicyLoss time at B=512, L=8192.
 """
 
@@ -55,26 +56,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step, device: str, warmup: int, repeats: int) -> tuple[float, float | None]:
-    """(median seconds of one step, peak extra MiB or None on CPU)."""
+def measure(cases, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step, round-robin over the cases so that load drift on a shared machine hits them alike."""
     for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
+        for _, step in cases:
+            step()
+    times = {label: [] for label, _ in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = None
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(device)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return statistics.median(times), peak
+        for label, step in cases:
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def peak_extra_mib(step, device: str) -> float | None:
+    """CUDA allocator peak during one step minus what was allocated before it; None on CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def cpu_model() -> str:
@@ -124,10 +131,18 @@ def main(argv=None) -> int:
     cases = [("openrlhf PolicyLoss(ppo)", openrlhf_step)]
     cases += [(name, ours(name, EPS)) for name in LOSS_NAMES]
 
+    times = measure(cases, args.device, args.warmup, args.repeats)
     rows = []
     for label, step in cases:
-        seconds, peak = measure(step, args.device, args.warmup, args.repeats)
-        rows.append({"loss": label, "ms": seconds * 1e3, "peak_extra_mib": peak})
+        ms = [t * 1e3 for t in times[label]]
+        rows.append(
+            {
+                "loss": label,
+                "ms": statistics.median(ms),
+                "ms_min": min(ms),
+                "peak_extra_mib": peak_extra_mib(step, args.device),
+            }
+        )
     reference = rows[0]["ms"]
     for row in rows:
         row["x_openrlhf"] = row["ms"] / reference
@@ -137,10 +152,10 @@ def main(argv=None) -> int:
     print(f"device: {device} ({args.device}, {threads} threads), torch {torch.__version__}")
     timing = f"median of {args.repeats} after {args.warmup} warm-up"
     print(f"B={args.batch}, L={args.length}, fp32 log-probs, eps {EPS}, fwd+bwd, {timing}")
-    print(f"{'loss':<26}{'ms':>10}{'x PolicyLoss':>14}{'peak extra MiB':>16}")
+    print(f"{'loss':<26}{'median ms':>10}{'min ms':>10}{'x PolicyLoss':>14}{'peak extra MiB':>16}")
     for row in rows:
         peak = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.0f}"
-        print(f"{row['loss']:<26}{row['ms']:>10.2f}{row['x_openrlhf']:>14.2f}{peak:>16}")
+        print(f"{row['loss']:<26}{row['ms']:>10.2f}{row['ms_min']:>10.2f}{row['x_openrlhf']:>14.2f}{peak:>16}")
     result = {
         "device": device,
         "device_kind": args.device,
