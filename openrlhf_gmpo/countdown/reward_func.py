@@ -8,32 +8,20 @@ decoded prompt + response (special tokens kept) and each label is the dataset's 
 """
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
 try:
-    from openrlhf_gmpo.countdown.scorer import SCORE_CORRECT, SCORE_NO_ANSWER, score
+    from openrlhf_gmpo.countdown.scorer import SCORE_CORRECT, SCORE_NO_ANSWER, decode_label, score
 except ImportError:  # loaded by path where the package is not installed: the scorer is a stdlib-only sibling file
     _spec = importlib.util.spec_from_file_location("countdown_scorer", Path(__file__).with_name("scorer.py"))
     _scorer = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_scorer)
-    SCORE_CORRECT, SCORE_NO_ANSWER, score = _scorer.SCORE_CORRECT, _scorer.SCORE_NO_ANSWER, _scorer.score
+    SCORE_CORRECT, SCORE_NO_ANSWER = _scorer.SCORE_CORRECT, _scorer.SCORE_NO_ANSWER
+    decode_label, score = _scorer.decode_label, _scorer.score
 
 ASSISTANT_MARKER = "<|assistant|>"
-
-
-def parse_label(label) -> tuple[list[int], int]:
-    """(numbers, target) from a label: the JSON string of our datasets, or an already decoded dict."""
-    try:
-        data = json.loads(label) if isinstance(label, str) else label
-        numbers, target = data["numbers"], data["target"]
-    except (TypeError, KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f'CountDown label must be JSON {{"numbers": [...], "target": N}}, got {label!r}') from error
-    if not all(type(n) is int for n in numbers) or type(target) is not int:
-        raise ValueError(f"CountDown label must hold integers, got {label!r}")
-    return numbers, target
 
 
 def extract_response(query: str, prompt: str) -> str:
@@ -52,7 +40,7 @@ def reward_func(queries, prompts, labels):
         raise ValueError(f"queries, prompts and labels differ in length: {len(queries)}, {len(prompts)}, {len(labels)}")
     scores = []
     for query, prompt, label in zip(queries, prompts, labels, strict=True):
-        numbers, target = parse_label(label)
+        numbers, target = decode_label(label)
         scores.append(score(extract_response(query, prompt), numbers, target))
     rewards = torch.tensor(scores, dtype=torch.float32)
     return {

@@ -18,6 +18,7 @@ than MAX_DEPTH is malformed, and the literals are checked against the given numb
 handful of small integers are ever multiplied.
 """
 
+import json
 from collections import Counter
 from fractions import Fraction
 
@@ -179,3 +180,21 @@ def score(response: str, numbers, target: int) -> float:
     except ZeroDivisionError:
         return SCORE_WRONG
     return SCORE_CORRECT if value == target else SCORE_WRONG
+
+
+def encode_label(numbers, target: int) -> str:
+    """The dataset label of a task, as OpenRLHF passes it to the reward function: '{"numbers": [..], "target": N}'."""
+    return json.dumps({"numbers": list(numbers), "target": target})
+
+
+def decode_label(label) -> tuple[list[int], int]:
+    """(numbers, target) from a label string (or an already decoded dict); ValueError names a bad label."""
+    try:
+        data = json.loads(label) if isinstance(label, str) else label
+        numbers, target = data["numbers"], data["target"]
+        numbers_ok = isinstance(numbers, list) and all(type(n) is int and n >= 0 for n in numbers)
+    except (TypeError, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f'CountDown label must be JSON {{"numbers": [...], "target": N}}, got {label!r}') from error
+    if not numbers_ok or type(target) is not int:
+        raise ValueError(f"CountDown label must hold non-negative integer numbers and an integer target, got {label!r}")
+    return numbers, target

@@ -72,6 +72,25 @@ def reachable(numbers) -> dict[int | Fraction, Tree]:
     return {value: tree for value, (_, tree) in values[(1 << count) - 1].items()}
 
 
+def reachable_values(numbers) -> set[int | Fraction]:
+    """The keys of reachable(numbers), without building trees (the generator needs only these, ~3x faster)."""
+    count = len(numbers)
+    values: list[set[int | Fraction]] = [set() for _ in range(1 << count)]
+    for i, n in enumerate(numbers):
+        values[1 << i].add(int(n))
+    for mask in range(1, 1 << count):
+        if mask & (mask - 1) == 0:
+            continue
+        table = values[mask]
+        left = (mask - 1) & mask
+        while left:
+            for a in values[left]:
+                for b in values[mask ^ left]:
+                    table.update(value for _, value in _combine(a, b))
+            left = (left - 1) & mask
+    return values[(1 << count) - 1]
+
+
 def render(tree: Tree, top: bool = True) -> str:
     """Write a tree as a compact expression: every inner operation in parentheses, none around the whole."""
     if isinstance(tree, int):
@@ -163,7 +182,9 @@ def generate_tasks(
             break
         count = rng.randint(min_numbers, max_numbers)
         numbers = tuple(rng.randint(min_value, max_value) for _ in range(count))
-        targets = sorted(int(v) for v in reachable(numbers) if v.denominator == 1 and min_target <= v <= max_target)
+        targets = sorted(
+            int(v) for v in reachable_values(numbers) if v.denominator == 1 and min_target <= v <= max_target
+        )
         if not targets:
             continue
         task = CountdownTask(numbers, rng.choice(targets))

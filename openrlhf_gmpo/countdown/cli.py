@@ -1,0 +1,145 @@
+"""`openrlhf-gmpo countdown {data,tokenizer,model,all}`: build the CountDown toy task's files offline.
+
+openrlhf-gmpo countdown data --out data/countdown --seed 0
+openrlhf-gmpo countdown model --size 200m --out ckpt/countdown-200m --seed 0   # also saves the tokenizer
+openrlhf-gmpo countdown all --out runs/countdown --size tiny                   # data/ and model-tiny/ under OUT
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+DEFAULT_TRAIN, DEFAULT_VAL, DEFAULT_SFT = 10_000, 500, 10_000
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("countdown", help="CountDown toy task: data, tokenizer, Qwen3-MoE model")
+    commands = parser.add_subparsers(dest="countdown_command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="train/val RL prompts and SFT traces as jsonl")
+    _add_out(data)
+    _add_data_options(data)
+    data.set_defaults(func=run_data)
+
+    tokenizer = commands.add_parser("tokenizer", help="the character-level tokenizer (save_pretrained)")
+    _add_out(tokenizer)
+    tokenizer.set_defaults(func=run_tokenizer)
+
+    model = commands.add_parser("model", help="a randomly initialised Qwen3-MoE checkpoint with the tokenizer")
+    _add_out(model)
+    _add_model_options(model, "--seed")
+    model.set_defaults(func=run_model)
+
+    everything = commands.add_parser("all", help="data/ and model-SIZE/ under --out")
+    _add_out(everything)
+    _add_data_options(everything)
+    _add_model_options(everything, "--model-seed")  # --seed is the data seed here
+    everything.set_defaults(func=run_all)
+
+
+def _add_out(parser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _add_data_options(parser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN, help="RL training prompts")
+    parser.add_argument("--val", type=int, default=DEFAULT_VAL, help="validation prompts (and their SFT traces)")
+    parser.add_argument("--sft", type=int, default=DEFAULT_SFT, help="SFT traces, on tasks disjoint from the rest")
+    parser.add_argument("--min-numbers", type=int, default=3)
+    parser.add_argument("--max-numbers", type=int, default=4)
+    parser.add_argument("--max-value", type=int, default=99, help="numbers are drawn from 1..MAX_VALUE")
+    parser.add_argument("--max-target", type=int, default=100, help="targets are drawn from 1..MAX_TARGET")
+
+
+def _add_model_options(parser, seed_flag: str) -> None:
+    parser.add_argument("--size", choices=["tiny", "200m"], default="tiny")
+    parser.add_argument(seed_flag, dest="model_seed", type=int, default=0, help="weight initialisation seed")
+
+
+def _prepare_out(path: Path, overwrite: bool) -> None:
+    if path.exists():
+        if not overwrite:
+            raise SystemExit(f"countdown: output path {path} exists; pass --overwrite to replace it")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    path.mkdir(parents=True)
+
+
+def _generator_settings(args) -> dict:
+    """The task generator's settings; impossible ones exit with a message before any output is touched."""
+    from openrlhf_gmpo.countdown.tasks import check_settings
+
+    settings = dict(
+        min_numbers=args.min_numbers, max_numbers=args.max_numbers, max_value=args.max_value, max_target=args.max_target
+    )
+    for flag, n in (("--train", args.train), ("--val", args.val), ("--sft", args.sft)):
+        if n < 0:
+            raise SystemExit(f"countdown: {flag} must be >= 0, got {n}")
+    try:
+        check_settings(min_value=1, min_target=1, **settings)
+    except ValueError as error:
+        raise SystemExit(f"countdown: {error}") from error
+    return settings
+
+
+def _write_data(args, out: Path) -> None:
+    from openrlhf_gmpo.countdown.data import write_datasets
+
+    settings = _generator_settings(args)
+    try:
+        paths = write_datasets(out, args.seed, args.train, args.val, args.sft, progress=True, **settings)
+    except ValueError as error:
+        raise SystemExit(f"countdown data: {error}") from error
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
+def _write_model(args, out: Path) -> None:
+    from openrlhf_gmpo.countdown.model import build_model, save_checkpoint
+    from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(
+        args.size,
+        len(tokenizer),
+        args.model_seed,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    count = sum(p.numel() for p in model.parameters())
+    save_checkpoint(model, tokenizer, str(out))
+    print(f"wrote {out}: Qwen3MoeForCausalLM {args.size}, {count:,} parameters, vocab {len(tokenizer)}, bf16")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    _generator_settings(args)
+    _prepare_out(args.out, args.overwrite)
+    _write_data(args, args.out)
+    return 0
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
+
+    _prepare_out(args.out, args.overwrite)
+    build_tokenizer().save_pretrained(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    _prepare_out(args.out, args.overwrite)
+    _write_model(args, args.out)
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> int:
+    _generator_settings(args)
+    _prepare_out(args.out, args.overwrite)
+    _write_data(args, args.out / "data")
+    _write_model(args, args.out / f"model-{args.size}")
+    return 0
