@@ -2,6 +2,7 @@
 
 import glob
 import os
+import sys
 
 import torch
 
@@ -63,3 +64,40 @@ def loss_inputs(batch: int = 3, length: int = 5, seed: int = 0) -> dict[str, tor
     mask[0, 3:] = False  # sequence 0 has 3 valid tokens
     advantages = torch.tensor([1.0, -0.5, 2.0][:batch]).unsqueeze(-1).expand(batch, length).clone()
     return {"log_probs": new, "old_log_probs": old, "advantages": advantages, "action_mask": mask}
+
+
+def trainer_for(args):
+    """An ActorPPOTrainer holding OpenRLHF's own PolicyLoss, as its __init__ builds it from args.
+
+    The real __init__ ends in torch.distributed.barrier + torch.cuda.synchronize, so on CPU we create the object
+    without it and set the two attributes install_policy_loss reads and replaces: args and actor_loss_fn.
+    """
+    from openrlhf.models import PolicyLoss
+    from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+
+    trainer = ActorPPOTrainer.__new__(ActorPPOTrainer)
+    trainer.args = args
+    trainer.actor_loss_fn = PolicyLoss(
+        clip_eps_low=args.actor.eps_clip_low_high[0],
+        clip_eps_high=args.actor.eps_clip_low_high[1],
+        policy_loss_type=args.actor.policy_loss_type,
+    )
+    return trainer
+
+
+def probe_policy_loss(actor, args, inputs: dict) -> dict:
+    """Run inside a policy actor's Ray worker (via actor.__ray_call__): install the loss into an ActorPPOTrainer as
+    the actor's init_model_from_pretrained does, call it as training_step does, and report what ran where."""
+    from openrlhf_gmpo.openrlhf_plugin.loss_adapter import install_policy_loss
+
+    trainer = trainer_for(args)
+    install_policy_loss(trainer)
+    outputs = trainer.actor_loss_fn(**inputs)
+    return {
+        "pid": os.getpid(),
+        "actor_class": [cls.__module__ + "." + cls.__qualname__ for cls in type(actor).__mro__],
+        "loss_class": type(trainer.actor_loss_fn).__module__ + "." + type(trainer.actor_loss_fn).__qualname__,
+        "num_outputs": len(outputs),
+        "loss": outputs[0].detach(),
+        "imported_openrlhf_ray": "openrlhf.trainer.ray.ppo_actor" in sys.modules,
+    }

@@ -6,30 +6,13 @@ import sys
 import helpers_plugin
 import pytest
 import torch
-from openrlhf.models import Actor, PolicyLoss
-from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
+from openrlhf.models import Actor
 from openrlhf.utils.loss_utils import get_loss_batch_info
 
 from openrlhf_gmpo.losses import compute_policy_loss
 from openrlhf_gmpo.openrlhf_plugin import loss_adapter
 from openrlhf_gmpo.openrlhf_plugin.launch import policy_actor_class
 from openrlhf_gmpo.openrlhf_plugin.version import check_openrlhf_version
-
-
-def trainer_for(args) -> ActorPPOTrainer:
-    """An ActorPPOTrainer holding OpenRLHF's own PolicyLoss, as its __init__ builds it from args.
-
-    The real __init__ ends in torch.distributed.barrier + torch.cuda.synchronize, so on CPU we create the object
-    without it and set the two attributes install_policy_loss reads and replaces: args and actor_loss_fn.
-    """
-    trainer = ActorPPOTrainer.__new__(ActorPPOTrainer)
-    trainer.args = args
-    trainer.actor_loss_fn = PolicyLoss(
-        clip_eps_low=args.actor.eps_clip_low_high[0],
-        clip_eps_high=args.actor.eps_clip_low_high[1],
-        policy_loss_type=args.actor.policy_loss_type,
-    )
-    return trainer
 
 
 def test_installed_contract_is_the_0_11_2_five_tuple():
@@ -54,7 +37,7 @@ def test_loss_on_openrlhf_actor_log_probs_equals_compute_policy_loss(tmp_path, m
     old = (log_probs.detach() + 0.2 * torch.randn(3, 6)).float()
     advantages = torch.tensor([[1.0], [-1.0], [0.5]]).expand(3, 6)  # per-token, as OpenRLHF passes them
     plan = helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml"))
-    trainer = trainer_for(plan.args)
+    trainer = helpers_plugin.trainer_for(plan.args)
     installed = loss_adapter.install_policy_loss(trainer)
     assert trainer.actor_loss_fn is installed and installed.registry_name == "gmpo"
 
