@@ -209,10 +209,13 @@ def test_scattered_weights_fall_back_to_a_stacked_copy(pg_collection, cpu_shims)
     grouped.run_grouped_on_cpu = True
     fc1 = [expert.linear_fc1.weight for expert in grouped.local_experts]
     assert stacked_view(fc1[::-1]) is None  # reverse order (megatron DDP's param buffer) is not a strided view
-    for expert in grouped.local_experts:  # each weight in its own storage, as DDP or a user may leave them
-        expert.linear_fc1.weight.data = expert.linear_fc1.weight.data.clone()
-    assert stacked_view([expert.linear_fc1.weight for expert in grouped.local_experts]) is None
     batch = make_batch(UNEVEN)
+    forward_backward(grouped, *batch)  # caches the strided view, which must not be used once the weights move
+    for expert in grouped.local_experts:  # each weight in its own storage, as DDP or a user may leave them
+        old_memory = expert.linear_fc1.weight.data
+        expert.linear_fc1.weight.data = old_memory.clone()
+        old_memory.fill_(float("nan"))  # a stale view would now read NaN
+    assert stacked_view([expert.linear_fc1.weight for expert in grouped.local_experts]) is None
     assert_same_results(forward_backward(sequential, *batch), forward_backward(grouped, *batch), atol=1e-5, rtol=1e-5)
 
 
