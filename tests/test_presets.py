@@ -1,0 +1,175 @@
+"""Every preset through OpenRLHF's real parser and validation (training start intercepted), and bad presets."""
+
+import os
+
+import helpers_plugin
+import pytest
+import yaml
+
+PRESET_IDS = [os.path.basename(path) for path in helpers_plugin.PRESETS]
+MATH_REWARD = "openrlhf_gmpo/openrlhf_plugin/math_reward.py"
+
+
+def expected_resolution(name: str) -> dict:
+    """What each preset must resolve to: the paper's setups (FACTS.md) and the brief's MoE choices."""
+    gmpo = "_gmpo" in name
+    common = {"algo.kl.init_coef": 0.0, "algo.kl.use_loss": False, "algo.advantage.estimator": "group_norm"}
+    common["actor.policy_loss_type"] = "gmpo" if gmpo else "grpo"
+    common["rollout.n_samples_per_prompt"] = 8
+    common["actor.adam.lr"] = 1e-6
+    if name.startswith(("qwen2.5-math", "deepseek-r1-distill")):
+        # 128 prompts x 8 = 1,024 rollouts per round, batch 128, responses up to 3,000 tokens.
+        eps = [0.4, 0.4] if gmpo else [0.2, 0.2]
+        return common | {
+            "actor.eps_clip_low_high": eps,
+            "rollout.batch_size": 128,
+            "train.batch_size": 128,
+            "rollout.max_new_tokens": 3000,
+            "reward.remote_url": [MATH_REWARD],
+        }
+    if name.startswith("qwen3-30b-a3b"):
+        # Batch 128 prompts, mini-batch 64 prompts = 512 samples; 0.2/0.2 clip; aux loss off; grouped-mm experts.
+        return common | {
+            "actor.model_name_or_path": "Qwen/Qwen3-30B-A3B",
+            "actor.eps_clip_low_high": [0.2, 0.2],
+            "actor.aux_loss_coef": 0.0,
+            "ds.experts_implementation": "grouped_mm",
+            "rollout.batch_size": 128,
+            "train.batch_size": 512,
+            "data.prompt_dataset": "agentica-org/DeepScaleR-Preview-Dataset",
+        }
+    if name.startswith("countdown-200m-moe"):
+        # Batch 256 prompts, mini-batch 128 prompts = 1,024 samples, CountDown reward file.
+        return common | {
+            "actor.eps_clip_low_high": [0.4, 0.4] if gmpo else [0.2, 0.2],
+            "actor.aux_loss_coef": 0.0,
+            "rollout.batch_size": 256,
+            "train.batch_size": 1024,
+            "reward.remote_url": ["openrlhf_gmpo/countdown/reward_func.py"],
+        }
+    raise AssertionError(f"no expectations written for preset {name}")
+
+
+@pytest.mark.parametrize("path", helpers_plugin.PRESETS, ids=PRESET_IDS)
+def test_preset_resolves_to_its_values_and_the_intended_setup(path):
+    plan = helpers_plugin.dry_run("--preset", path)
+    args = plan.args
+    for key, value in expected_resolution(os.path.basename(path)).items():
+        assert helpers_plugin.resolved(args, key) == value, key
+    # Every key of the file arrives unchanged (remote_url is split into a list by OpenRLHF's own validation).
+    with open(path) as handle:
+        preset = yaml.safe_load(handle)
+    for key, value in preset.items():
+        if key == "backend":
+            assert plan.backend == value
+            continue
+        got = helpers_plugin.resolved(args, key)
+        assert got == ([value] if key == "reward.remote_url" else value), key
+    # Colocated vLLM engines cover exactly the actor GPUs (OpenRLHF asserts this only at train time).
+    gpus = args.actor.num_nodes * args.actor.num_gpus_per_node
+    assert args.vllm.num_engines * args.vllm.tensor_parallel_size == gpus
+
+
+def test_command_line_overrides_the_preset_and_the_command_shows_each_flag_once():
+    path = os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml")
+    plan = helpers_plugin.dry_run("--preset", path, "--actor.eps_clip_low_high", "0.3", "0.25", "--train.seed", "7")
+    assert plan.args.actor.eps_clip_low_high == [0.3, 0.25]
+    assert plan.args.train.seed == 7
+    assert plan.tokens.count("--actor.eps_clip_low_high") == 1
+    flag = plan.tokens.index("--actor.eps_clip_low_high")
+    assert plan.tokens[flag + 1 : flag + 3] == ["0.3", "0.25"]
+
+
+def test_dry_run_prints_the_resolved_command(capsys):
+    helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "qwen3-30b-a3b_gmpo.yaml"))
+    out = capsys.readouterr().out
+    assert (
+        "python3 -m openrlhf_gmpo.train_ppo_ray --backend deepspeed --actor.model_name_or_path Qwen/Qwen3-30B-A3B"
+        in out
+    )
+    assert "loss=gmpo clip=0.2/0.2" in out and "Ray not contacted" in out
+
+
+BASE = "actor.model_name_or_path: m\nreward.remote_url: r.py\n"
+
+# (preset text, expected message): messages from our key checks and our validation (SystemExit with text).
+BAD_PRESETS = {
+    "unknown key, with suggestion": (
+        BASE + "actor.policy_los_type: gmpo\n",
+        "unknown key 'actor.policy_los_type'; did you mean 'actor.policy_loss_type'?",
+    ),
+    "clip eps zero": (BASE + "actor.eps_clip_low_high: [0.0, 0.4]\n", "both clip bounds must be > 0, got 0.0 0.4"),
+    "clip eps negative": (BASE + "actor.eps_clip: -0.2\n", "both clip bounds must be > 0, got -0.2 -0.2"),
+    "invalid YAML": (BASE + "actor.adam.lr: [1e-6\n", "invalid YAML"),
+    "non-mapping YAML": ("- actor.adam.lr\n- 1e-6\n", "must be a mapping of OpenRLHF flag names to values, got list"),
+    "empty file": ("# nothing\n", "got NoneType"),
+    "null value": (BASE + "actor.adam.lr:\n", "key 'actor.adam.lr' is null"),
+    "switch given a string": (BASE + "train.colocate_all: sometimes\n", "key 'train.colocate_all' is a switch"),
+    "list for a one-value flag": (BASE + "actor.adam.lr: [1, 2]\n", "key 'actor.adam.lr' takes one value"),
+    "one value for a two-value flag": (
+        BASE + "actor.eps_clip_low_high: 0.4\n",
+        "key 'actor.eps_clip_low_high' takes a list of 2 values",
+    ),
+    "boolean for a value flag": (BASE + "data.input_key: true\n", "key 'data.input_key' is not a switch"),
+    "mapping value": (BASE + "actor.adam: {lr: 1.0e-6}\n", "unknown key 'actor.adam'"),
+    "unknown backend": (BASE + "backend: tpu\n", "--backend must be one of ('deepspeed', 'megatron'), got 'tpu'"),
+    "dual clip with our loss": (
+        BASE + "actor.policy_loss_type: gmpo\nactor.dual_clip: 3.0\n",
+        "--actor.dual_clip 3.0: dual clip is a PPO-loss option",
+    ),
+    "token-level rollout correction with our loss": (
+        BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.is_correction_level: token\n",
+        "our losses support the rollout correction only as level seq",
+    ),
+    "loss aggregation with our loss": (
+        BASE + "actor.policy_loss_type: grpo\nactor.loss_agg_mode: seq-mean-token-mean\n",
+        "our losses aggregate per sequence",
+    ),
+}
+
+# Errors from OpenRLHF's own parser (exit code 2, message on stderr), prefixed with the preset file.
+PARSER_ERRORS = {
+    "wrong type": (BASE + "actor.adam.lr: fast\n", "argument --actor.adam.lr: invalid float value: 'fast'"),
+    "unknown loss name": (
+        BASE + "actor.policy_loss_type: gmpoo\n",
+        "argument --actor.policy_loss_type: invalid choice",
+    ),
+    "wrong list length": (BASE + "actor.eps_clip_low_high: [0.4]\n", "argument --actor.eps_clip_low_high: expected 2"),
+}
+
+
+def write_preset(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", BAD_PRESETS, ids=list(BAD_PRESETS))
+def test_bad_preset_fails_with_a_message_naming_the_problem(tmp_path, case):
+    text, message = BAD_PRESETS[case]
+    with pytest.raises(SystemExit) as error:
+        helpers_plugin.dry_run("--preset", write_preset(tmp_path, text))
+    assert message in str(error.value.code)
+
+
+@pytest.mark.parametrize("case", PARSER_ERRORS, ids=list(PARSER_ERRORS))
+def test_bad_value_is_caught_by_openrlhf_parser_and_names_preset_and_key(tmp_path, capsys, case):
+    text, message = PARSER_ERRORS[case]
+    path = write_preset(tmp_path, text)
+    with pytest.raises(SystemExit) as error:
+        helpers_plugin.dry_run("--preset", path)
+    assert error.value.code == 2
+    stderr = capsys.readouterr().err
+    assert f"preset {path}: " in stderr and message in stderr
+
+
+def test_missing_preset_file(tmp_path):
+    with pytest.raises(SystemExit, match="preset .*absent.yaml: file not found"):
+        helpers_plugin.dry_run("--preset", str(tmp_path / "absent.yaml"))
+
+
+def test_openrlhf_own_validation_still_runs(tmp_path):
+    # OpenRLHF's main block asserts that group_norm has more than one sample per prompt.
+    text = BASE + "algo.advantage.estimator: group_norm\nrollout.n_samples_per_prompt: 1\n"
+    with pytest.raises(AssertionError, match="group_norm requires n_samples_per_prompt > 1"):
+        helpers_plugin.dry_run("--preset", write_preset(tmp_path, text))
