@@ -59,6 +59,29 @@ def test_gmpo_gradient_hand_computed():
     torch.testing.assert_close(log_probs.grad, expected)
 
 
+@pytest.mark.parametrize("name,bound", [("gmpo", 0.2), ("gmpo_no_norm", 0.2), ("grpo", 0.2)])
+def test_clipping_is_one_sided(name, bound):
+    # A > 0 with d = [-1, 0]: only the upper side is capped, so the -1 passes unclipped
+    # A < 0 with d = [+1, 0]: only the lower side is capped, so the +1 passes unclipped
+    log_probs = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    loss, m = compute_policy_loss(
+        name,
+        log_probs,
+        torch.zeros(2, 2),
+        torch.tensor([1.0, -1.0]),
+        torch.ones(2, 2),
+        clip_eps_low=bound,
+        clip_eps_high=bound,
+    )
+    seq = {
+        "gmpo": (E(-0.5), E(0.5)),  # geometric means e^(-1/2), e^(1/2)
+        "gmpo_no_norm": (E(-1.0), E(1.0)),  # products e^-1, e^1
+        "grpo": ((E(-1.0) + 1) / 2, (E(1.0) + 1) / 2),  # token means of the ratios
+    }[name]
+    assert close(loss, (-seq[0] + seq[1]) / 2)
+    assert m["clip_frac_low"] == 0 and m["clip_frac_high"] == 0
+
+
 def test_gmpo_no_clip_hand_computed():
     loss, m = run("gmpo_no_clip")
     # seq 0 ratio e^(0.6/3) = e^0.2, seq 1 ratio e^(-0.5/2) = e^-0.25: loss = (-e^0.2 + e^-0.25) / 2
@@ -176,3 +199,25 @@ def test_register_loss_and_unknown_name():
         register_loss("gmpo")(constant)
     with pytest.raises(ValueError, match=r"name: unknown policy loss 'gmpoo'; known losses: .*gmpo_no_clip"):
         run("gmpoo")
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_batch_without_valid_tokens_gives_zero_loss_and_neutral_metrics(name):
+    log_probs = torch.full((2, 3), float("nan"), requires_grad=True)
+    loss, metrics = compute_policy_loss(
+        name, log_probs, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), clip_eps_low=0.2, clip_eps_high=0.2
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and (log_probs.grad == 0).all()
+    # ratios report 1 and fractions / KL 0 rather than NaN, which would poison OpenRLHF's averaged logs
+    assert {k: v.item() for k, v in metrics.items()} == {
+        "token_ratio_min": 1.0,
+        "token_ratio_max": 1.0,
+        "token_ratio_mean": 1.0,
+        "seq_ratio_min": 1.0,
+        "seq_ratio_max": 1.0,
+        "clip_frac_low": 0.0,
+        "clip_frac_high": 0.0,
+        "approx_kl": 0.0,
+        "seq_clip_frac": 0.0,
+    }

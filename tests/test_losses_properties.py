@@ -42,6 +42,18 @@ def test_finite_loss_and_grad_for_extreme_inputs(name, data):
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_finite_for_long_sequences_of_extreme_log_ratios(name, sign):
+    # 64 tokens all at +-1e4 (clamped to +-20): an unclamped sum of 64 * 20 = 1280 would overflow exp in fp32
+    log_probs = torch.full((2, 64), sign * 1e4, requires_grad=True)
+    advantages = torch.tensor([1.0, -1.0])
+    loss, metrics = compute_policy_loss(name, log_probs, torch.zeros(2, 64), advantages, torch.ones(2, 64), **EPS)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(log_probs.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), garbage=st.sampled_from([float("nan"), float("inf"), -1e4, 7.0]))
 def test_masked_positions_are_ignored(name, seed, garbage):
