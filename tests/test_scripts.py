@@ -1,0 +1,106 @@
+"""Ray job scripts: DRY_RUN=1 resolves through OpenRLHF's real parser; otherwise one `ray job submit`."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import helpers_plugin
+import pytest
+
+SCRIPT_IDS = [os.path.relpath(path, helpers_plugin.ROOT) for path in helpers_plugin.PRESET_SCRIPTS]
+
+
+def recorder(tmp_path, name: str) -> str:
+    """An executable that records its arguments and working directory as JSON (stands in for python3 or ray)."""
+    path = tmp_path / name
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        f"with open({str(tmp_path / (name + '.json'))!r}, 'w') as f:\n"
+        "    json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, f)\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def run_script(script: str, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", script, *extra], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_every_preset_has_a_script_and_every_script_a_preset():
+    scripts = {os.path.basename(path)[: -len(".sh")] for path in helpers_plugin.PRESET_SCRIPTS}
+    presets = {os.path.basename(path)[: -len(".yaml")] for path in helpers_plugin.PRESETS}
+    assert scripts == presets
+
+
+@pytest.mark.parametrize("script", helpers_plugin.PRESET_SCRIPTS, ids=SCRIPT_IDS)
+def test_dry_run_command_resolves_through_openrlhf_parser(script, tmp_path, monkeypatch):
+    # The script's DRY_RUN command is recorded, then run in this process (OpenRLHF is imported once for all).
+    env = dict(os.environ, DRY_RUN="1", PYTHON=recorder(tmp_path, "python"), NODES="2", GPUS_PER_NODE="4")
+    env["MODEL"] = "/shared/models/m"
+    result = run_script(script, env, "--train.seed", "11")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "python.json") as handle:
+        recorded = json.load(handle)
+    name = os.path.basename(script)[: -len(".sh")]
+    assert recorded["cwd"] == helpers_plugin.ROOT
+    assert recorded["argv"][:4] == ["-m", "openrlhf_gmpo.train_ppo_ray", "--preset", f"configs/{name}.yaml"]
+    assert recorded["argv"][-1] == "--dry-run"
+
+    monkeypatch.chdir(helpers_plugin.ROOT)
+    from openrlhf_gmpo.train_ppo_ray import main
+
+    args = main(recorded["argv"][2:]).args
+    assert (args.actor.num_nodes, args.actor.num_gpus_per_node) == (2, 4)
+    assert args.vllm.num_engines * args.vllm.tensor_parallel_size == 8  # NODES * GPUS_PER_NODE, colocated
+    assert args.actor.model_name_or_path == "/shared/models/m"
+    assert args.train.seed == 11  # "$@" passed through, after the preset and the script's own flags
+
+
+def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "countdown-200m-moe_gmpo.sh")
+    env = dict(stub_env, DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    result = run_script(script, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    command, summary = result.stdout.strip().splitlines()[-2:]
+    assert command.startswith("python3 -m openrlhf_gmpo.train_ppo_ray --backend deepspeed ")
+    assert f"--actor.model_name_or_path {helpers_plugin.ROOT}/runs/countdown-200m-sft" in command
+    assert "loss=gmpo clip=0.4/0.4" in summary and "Ray not contacted" in summary
+
+
+def test_submit_needs_ray_address():
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "dense", "qwen2.5-math-7b_gmpo.sh")
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "DRY_RUN")}
+    result = run_script(script, env)
+    assert result.returncode != 0
+    assert "set RAY_ADDRESS" in result.stderr
+
+
+def test_submit_is_one_ray_job_with_the_repository_as_working_dir(tmp_path):
+    # A recorder named `ray` first on PATH captures the submission instead of a cluster.
+    recorder(tmp_path, "ray")
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "qwen3-30b-a3b_gmpo.sh")
+    env = dict(os.environ, RAY_ADDRESS="http://head:8265", PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    env.pop("DRY_RUN", None)
+    result = run_script(script, env, "--train.seed", "3")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "ray.json") as handle:
+        argv = json.load(handle)["argv"]
+    assert argv[:4] == ["job", "submit", "--address", "http://head:8265"]
+    runtime_env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert runtime_env["working_dir"] == helpers_plugin.ROOT
+    assert ".venv" in runtime_env["excludes"]
+    separator = argv.index("--")
+    assert argv[separator + 1 : separator + 6] == [
+        "python3",
+        "-m",
+        "openrlhf_gmpo.train_ppo_ray",
+        "--preset",
+        "configs/qwen3-30b-a3b_gmpo.yaml",
+    ]
+    assert argv[-2:] == ["--train.seed", "3"]
+    # Qwen3-30B-A3B: 2 nodes x 8 GPUs by default, vLLM tensor parallel 4 -> 4 engines.
+    assert argv[argv.index("--vllm.num_engines") + 1] == "4"
