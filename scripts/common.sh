@@ -8,7 +8,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # worker, so openrlhf_gmpo (the policy actor class Ray unpickles by reference), configs/ and the reward files are
 # importable/readable on every node. Large local folders stay out of the upload: pass models and data that live in
 # them as absolute paths on storage all nodes share.
-RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", ".cache", "runs", "data", "*.egg-info"]}' "$REPO_ROOT")"
+RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", ".cache", "ckpt", "runs", "data", "*.egg-info"]}' "$REPO_ROOT")"
 
 # submit_preset PRESET [OPENRLHF_FLAG ...]
 submit_preset() {

@@ -67,7 +67,7 @@ def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
     assert result.returncode == 0, result.stderr[-3000:]
     command, summary = result.stdout.strip().splitlines()[-2:]
     assert command.startswith("python3 -m openrlhf_gmpo.train_ppo_ray --backend deepspeed ")
-    assert f"--actor.model_name_or_path {helpers_plugin.ROOT}/runs/countdown-200m-sft" in command
+    assert f"--actor.model_name_or_path {helpers_plugin.ROOT}/ckpt/countdown-200m-sft" in command
     assert "loss=gmpo clip=0.4/0.4" in summary and "Ray not contacted" in summary
 
 

@@ -11,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 NODES="${NODES:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
 VLLM_TP="${VLLM_TP:-1}"
-MODEL="${MODEL:-$REPO_ROOT/runs/countdown-200m-sft}"
+MODEL="${MODEL:-$REPO_ROOT/ckpt/countdown-200m-sft}"
 DATASET="${DATASET:-$REPO_ROOT/data/countdown/train.jsonl}"
 
 CLUSTER=(
