@@ -45,3 +45,11 @@ def test_demo_rejects_non_positive_sizes(flag, capsys):
     with pytest.raises(SystemExit):
         parse(["demo", flag, "0"])
     assert f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_is_reachable_from_the_console_entry_point(capsys):
+    from openrlhf_gmpo.cli import main
+
+    assert main(["demo", "--batch", "4", "--length", "16", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 sequences x 16 tokens, seed 1" in out and "gmpo_seq_clip" in out
