@@ -1,0 +1,56 @@
+"""`openrlhf-gmpo stability`: does a policy loss keep MoE RL stable? GMPO vs GRPO on CountDown on one machine."""
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stability",
+        help="GMPO vs GRPO stability run on CountDown with a small Qwen3-MoE: metrics, plots, pass/fail verdict",
+        description=__doc__,
+    )
+    parser.add_argument("--preset", required=True, help="tiny, 200m, or a path to a preset YAML file")
+    parser.add_argument("--algos", default=None, help="comma-separated algorithm names from the preset (default: all)")
+    parser.add_argument("--steps", type=int, default=None, help="total RL steps per algorithm (default: the preset's)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: runs/stability-<preset>)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="warm-start cache (default: <out>/cache)")
+    parser.add_argument("--engine", default="hf", choices=["hf", "megatron"], help="training/generation backend")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="fresh", action="store_false", help="continue from checkpoints (default)")
+    resume.add_argument(
+        "--fresh", dest="fresh", action="store_true", help="delete this run's checkpoints and outputs first"
+    )
+    parser.set_defaults(func=main, fresh=False)
+
+
+def main(args: argparse.Namespace) -> int:
+    from openrlhf_gmpo.stability.config import load_preset
+    from openrlhf_gmpo.stability.runner import RunOptions, run_stability
+
+    try:
+        cfg = load_preset(args.preset)
+    except ValueError as err:
+        raise SystemExit(f"--preset {args.preset}: {err}") from None
+    algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else tuple(cfg.algos)
+    if not algos:
+        raise SystemExit(f"--algos {args.algos!r}: name at least one algorithm")
+    steps = cfg.rl.steps if args.steps is None else args.steps
+    if steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {steps}")
+    out_dir = args.out or Path("runs") / f"stability-{cfg.name}"
+    opts = RunOptions(
+        algos=algos,
+        steps=steps,
+        out_dir=out_dir,
+        cache_dir=args.cache_dir or out_dir / "cache",
+        engine=args.engine,
+        device=args.device,
+        fresh=args.fresh,
+    )
+    verdicts = run_stability(cfg, opts)
+    for algo, verdict in verdicts.items():
+        failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
+        print(f"{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
+    return 0

@@ -1,0 +1,84 @@
+"""Run outputs: metrics.jsonl lines, verdict.json, report.md and the plots."""
+
+import json
+import math
+from pathlib import Path
+
+from openrlhf_gmpo.stability.plots import plot_curves, plot_ratio_range
+
+# (key, label) rows of each algorithm's table in report.md
+TABLE_ROWS = (
+    ("val_accuracy", "validation accuracy"),
+    ("train_reward", "train mean reward"),
+    ("token_ratio_min", "token ratio min"),
+    ("token_ratio_max", "token ratio max"),
+    ("seq_ratio_min", "sequence ratio min"),
+    ("seq_ratio_max", "sequence ratio max"),
+    ("clip_frac_low", "clip fraction low"),
+    ("clip_frac_high", "clip fraction high"),
+    ("entropy", "token entropy"),
+    ("kl_ref", "KL to start (k3)"),
+    ("grad_norm", "grad norm"),
+    ("expert_max_share", "max expert share"),
+    ("router_entropy", "router entropy (normalised)"),
+    ("response_length", "response length (tokens)"),
+    ("step_time_s", "step time (s)"),
+)
+
+
+def _plain(value):
+    """Strict JSON: NaN/inf become the strings "NaN"/"Infinity"/"-Infinity" instead of invalid bare literals."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(_plain(record), sort_keys=True, allow_nan=False)
+
+
+def write_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_outputs(
+    out_dir: Path, records_by_algo: dict[str, list[dict]], verdicts: dict, header: dict, max_ratio: float
+):
+    write_json(verdicts, out_dir / "verdict.json")
+    plot_ratio_range(records_by_algo, max_ratio, out_dir / "ratio_range.png")
+    plot_curves(records_by_algo, out_dir / "training_curves.png")
+    (out_dir / "report.md").write_text(render_report(records_by_algo, verdicts, header))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_report(records_by_algo: dict[str, list[dict]], verdicts: dict, header: dict) -> str:
+    lines = ["# Stability report", ""]
+    lines += [f"- {key}: {_fmt(value)}" for key, value in header.items()]
+    lines += ["", "Plots: `ratio_range.png` (token ratio min-max band per step), `training_curves.png`.", ""]
+    for algo, records in records_by_algo.items():
+        verdict = verdicts[algo]
+        lines += [f"## {algo}: {'PASS' if verdict['passed'] else 'FAIL'} after {verdict['steps']} steps", ""]
+        lines += ["| metric | start | end | min | max |", "|---|---|---|---|---|"]
+        for key, label in TABLE_ROWS:
+            values = [r[key] for r in records if key in r]
+            if values:
+                lines.append(
+                    f"| {label} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(min(values))} | {_fmt(max(values))} |"
+                )
+        lines += ["", "| check | passed | numbers |", "|---|---|---|"]
+        for name, check in verdict["checks"].items():
+            numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in check.items() if k not in ("passed", "non_finite"))
+            lines.append(f"| {name} | {'yes' if check['passed'] else 'NO'} | {numbers} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""`openrlhf-gmpo stability` end to end: data, warm start, RL per algorithm, outputs."""
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from openrlhf_gmpo.stability import state
+from openrlhf_gmpo.stability.config import StabilityConfig
+from openrlhf_gmpo.stability.report import json_line, write_json, write_outputs
+from openrlhf_gmpo.stability.verdict import judge
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    algos: tuple[str, ...]
+    steps: int  # total RL steps per algorithm; a resumed run continues up to this many
+    out_dir: Path
+    cache_dir: Path
+    engine: str = "hf"
+    device: str = "auto"
+    fresh: bool = False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"unknown --device {device!r}: choose auto, cpu or cuda")
+    return device
+
+
+def run_stability(
+    cfg: StabilityConfig,
+    opts: RunOptions,
+    on_step_end: Callable[[str, int], None] | None = None,
+    log=print,
+) -> dict:
+    """Run (or resume) every algorithm in opts.algos and write all outputs; returns the verdicts by algorithm."""
+    from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
+    from openrlhf_gmpo.stability.data import cached_split_tasks
+    from openrlhf_gmpo.stability.engine import make_engine
+    from openrlhf_gmpo.stability.rl_loop import run_algo
+    from openrlhf_gmpo.stability.warmstart import cache_path, warm_start
+
+    unknown = [a for a in opts.algos if a not in cfg.algos]
+    if unknown:
+        raise SystemExit(f"--algos: {unknown[0]!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
+    started = time.perf_counter()
+    device = resolve_device(opts.device)
+    state.set_determinism(cfg.threads)
+    out_dir = opts.out_dir
+    if opts.fresh and out_dir.exists():
+        for name in (
+            "checkpoints",
+            "metrics.jsonl",
+            "verdict.json",
+            "report.md",
+            "ratio_range.png",
+            "training_curves.png",
+        ):
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer()
+    train_tasks, val_tasks = cached_split_tasks(cfg.data, cfg.seed, opts.cache_dir)
+    eval_tasks = val_tasks[: cfg.rl.eval_tasks]
+    engine = make_engine(
+        opts.engine,
+        model_size=cfg.model.size,
+        vocab_size=len(tokenizer),
+        seed=cfg.seed,
+        device=device,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+    )
+    warm = warm_start(
+        engine, tokenizer, cfg, train_tasks, eval_tasks, cache_path(cfg, opts.cache_dir, opts.engine, device), log=log
+    )
+    start_weights = engine.model_state()
+    write_json(
+        {"config": cfg.to_dict(), "algos": list(opts.algos), "steps": opts.steps, "device": device},
+        out_dir / "run.json",
+    )
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.write_text("")  # rebuilt from the checkpoints' records, then appended step by step
+
+    def emit(record: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json_line(record) + "\n")
+
+    records_by_algo = {}
+    for algo in opts.algos:
+        records_by_algo[algo] = run_algo(
+            engine,
+            tokenizer,
+            cfg,
+            algo,
+            train_tasks,
+            eval_tasks,
+            start_weights,
+            out_dir / "checkpoints" / f"{algo}.pt",
+            opts.steps,
+            emit,
+            on_step_end=on_step_end,
+            log=log,
+        )
+    verdicts = {algo: judge(recs, warm["val_accuracy"], cfg.verdict) for algo, recs in records_by_algo.items()}
+    header = {
+        "preset": cfg.name,
+        "date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "engine": opts.engine,
+        "model": cfg.model.size,
+        "RL steps per algorithm": opts.steps,
+        "rollouts per step": cfg.rl.rollout_batch_size,
+        "optimizer steps per RL step": cfg.rl.epochs * cfg.rl.rollout_batch_size // cfg.rl.mini_batch_size,
+        "warm-start val accuracy": warm["val_accuracy"],
+        "warm-start val reward": warm["val_reward"],
+        "warm-start accuracy expected (preset)": cfg.sft.min_val_accuracy,
+        "wall time of this command (s)": time.perf_counter() - started,
+    }
+    write_outputs(out_dir, records_by_algo, verdicts, header, cfg.verdict.max_token_ratio)
+    log(f"wrote {out_dir}/metrics.jsonl, report.md, verdict.json, ratio_range.png, training_curves.png")
+    return verdicts

@@ -1,0 +1,59 @@
+"""Preset loading: the shipped presets parse, and bad values raise errors that name the key."""
+
+import re
+
+import helpers_stability
+import pytest
+
+from openrlhf_gmpo.stability.config import load_preset, parse_config
+
+
+@pytest.mark.parametrize("name", ["tiny", "200m"])
+def test_shipped_presets_load(name):
+    cfg = load_preset(name)
+    assert cfg.name == name
+    assert set(cfg.algos) == {"gmpo", "grpo"}
+    # every RL step makes several optimizer steps, so ratios move off 1 and clipping matters
+    assert cfg.rl.epochs * cfg.rl.rollout_batch_size // cfg.rl.mini_batch_size >= 2
+
+
+def _parse(overrides: dict):
+    return parse_config(helpers_stability.merged(helpers_stability.tiny_raw(), overrides), name="bad")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # a typo names the key and the closest valid one
+        ({"rl": {"max_new_token": 64}}, "unknown key 'rl.max_new_token'; did you mean 'rl.max_new_tokens'?"),
+        ({"sedd": 3}, "unknown key 'sedd'; did you mean 'seed'?"),
+        # wrong type: a string where an int belongs, a bool where a float belongs
+        ({"rl": {"steps": "ten"}}, "rl.steps: expected int, got 'ten'"),
+        ({"rl": {"lr": True}}, "rl.lr: expected float, got True"),
+        # out of range
+        ({"rl": {"samples_per_prompt": 1}}, "rl.samples_per_prompt: 1 is outside the allowed range [2, inf]"),
+        ({"verdict": {"max_token_ratio": 0.5}}, "verdict.max_token_ratio: 0.5 is outside the allowed range"),
+        ({"data": {"min_numbers": 2}}, "data.min_numbers: 2 is outside the allowed range [3, 5]"),
+        # relations between keys
+        ({"rl": {"mini_batch_size": 7}}, "rl.mini_batch_size (7) must divide the rollout batch"),
+        ({"data": {"min_numbers": 4, "max_numbers": 3}}, "data.min_numbers (4) exceeds data.max_numbers (3)"),
+        # an unknown loss names the algorithm and suggests the closest registered loss
+        ({"algos": {"gmpo": {"loss": "gmop"}}}, "algos.gmpo.loss: unknown loss 'gmop'; did you mean 'gmpo'?"),
+        ({"algos": {"gmpo": {"loss": "gmpo", "clip_eps": 0.4}}}, "unknown key 'algos.gmpo.clip_eps'"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _parse(overrides)
+
+
+def test_missing_key_is_named():
+    raw = helpers_stability.tiny_raw()
+    del raw["rl"]["grad_clip"]
+    with pytest.raises(ValueError, match=re.escape("missing key 'rl.grad_clip'")):
+        parse_config(raw, name="bad")
+
+
+def test_unknown_preset_name_lists_shipped_ones():
+    with pytest.raises(ValueError, match="neither a shipped preset .*200m.*tiny"):
+        load_preset("tinyy")
