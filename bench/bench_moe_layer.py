@@ -345,6 +345,8 @@ def goals(rows) -> list[dict]:
         hf = by_case["HF Qwen3MoeSparseMoeBlock grouped_mm"]["tflops"]
         alone = by_case["GroupedExperts alone"]["fraction_of_dense"]
         result.append(dict(goal=f"megatron MoE layer >= 2x HF grouped_mm ({routing})", measured=ours / hf, target=2.0))
+        # 2x the 164 TFLOP/s that HF grouped_mm reached on one H100 before this work (torch 2.11)
+        result.append(dict(goal=f"megatron MoE layer TFLOP/s >= 330 ({routing})", measured=ours, target=330.0))
         result.append(dict(goal=f"GroupedExperts alone >= 50% of dense ({routing})", measured=alone, target=0.5))
     for goal in result:
         goal["met"] = goal["measured"] >= goal["target"]

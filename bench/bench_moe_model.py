@@ -83,7 +83,8 @@ def hf_model(shape: ModelShape, layers: int, implementation: str, device: str, d
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)  # the same random weights for every implementation of a given depth
-    model = Qwen3MoeForCausalLM(shape.hf_config(layers, implementation))
+    with torch.device(device):  # random init of ~3B parameters where they will run, not on the host first
+        model = Qwen3MoeForCausalLM(shape.hf_config(layers, implementation))
     with torch.no_grad():  # HF leaves the router at zero: every token would tie; give it a random one
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

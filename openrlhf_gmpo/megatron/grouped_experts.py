@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # torch 2.10+ exposes the public name; torch 2.9-2.13 all have the private op with the same arguments.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_logged_fallbacks: set[str] = set()
+_logged: set[str] = set()
 
 
 def grouped_experts_submodule() -> partial:
@@ -132,9 +132,7 @@ class GroupedExperts(SequentialMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         reason = self.fallback_reason(permuted_local_hidden_states)
         if reason is not None:
-            if reason not in _logged_fallbacks:
-                _logged_fallbacks.add(reason)
-                logger.warning("GroupedExperts: %s; running the experts one by one (SequentialMLP)", reason)
+            _log_once(f"{reason}; running the experts one by one (SequentialMLP)")
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         return self.grouped_forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs), None
 
@@ -177,6 +175,8 @@ class GroupedExperts(SequentialMLP):
         cached = self._view_cache.get(linear_name)
         if cached is None or cached[0] != addresses:
             cached = self._view_cache[linear_name] = (addresses, stacked_view(weights))
+            if cached[1] is None:
+                _log_once(f"{linear_name} expert weights are not evenly laid out in one tensor; copying them each step")
         return [cached[1], *weights]
 
     def _weighted_activation(self, fc1_out, probs):
@@ -209,6 +209,12 @@ class GroupedExperts(SequentialMLP):
         super()._apply(fn, recurse)
         self._stack_expert_weights()
         return self
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning("GroupedExperts: %s", message)
 
 
 def _unsupported_config_reason(config) -> str | None:
