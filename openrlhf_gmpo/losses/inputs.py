@@ -68,14 +68,64 @@ def _global_batch_size_tensor(global_batch_size, device) -> torch.Tensor | None:
     return torch.tensor(check_positive("global_batch_size", global_batch_size), device=device)
 
 
-def _first_bad(checks: list[tuple[str, str, torch.Tensor]]) -> None:
-    """Raise for the first check whose 0-d bool tensor is True; all are copied to the host together (one sync)."""
-    if not checks:
-        return
+# A fast check: (argument name, message, 0-d bool tensor that is True when the check fails). A message of None
+# means "some valid entry is NaN/inf", located entry by entry (and named) only when the fast check fires.
+Check = tuple[str, str | None, torch.Tensor]
+
+
+def _raise_first_failure(checks: list[Check]) -> bool:
+    """Raise for the first failed check with a message; True if a check without one failed. One host sync."""
     flags = torch.stack([bad for _, _, bad in checks]).tolist()
     for (name, message, _), bad in zip(checks, flags, strict=True):
-        if bad:
+        if bad and message is not None:
             raise ValueError(f"{name} {message}")
+    return any(bad for bad in flags)
+
+
+def _boolean_mask(action_mask: torch.Tensor, checks: list[Check]) -> torch.Tensor:
+    if action_mask.dtype == torch.bool:
+        return action_mask
+    if action_mask.is_floating_point():
+        bad_values = ((action_mask != 0) & (action_mask != 1)).any()
+    else:  # OpenRLHF's action_mask is int64 0/1: one min/max pass suffices
+        lowest, highest = torch.aminmax(action_mask)
+        bad_values = (lowest < 0) | (highest > 1)
+    checks.append(("action_mask", "must hold only 0/1 (boolean-like) values", bad_values))
+    return action_mask != 0
+
+
+def _sequence_advantages(
+    advantages: torch.Tensor, mask: torch.Tensor, valid_seq: torch.Tensor, checks: list[Check]
+) -> torch.Tensor:
+    """(B,) advantage per sequence, 0 where the sequence has no valid token; a (B, L) input must be constant."""
+    adv = advantages.detach().float()
+    if adv.dim() == 1:
+        checks.append(
+            ("advantages", "has NaN/inf for a sequence with valid tokens", (valid_seq & ~adv.isfinite()).any())
+        )
+        return torch.where(valid_seq, adv, 0.0)
+    lowest = torch.where(mask, adv, torch.inf).amin(dim=-1)  # (B,), NaN propagates
+    spread = torch.where(mask, adv, -torch.inf).amax(dim=-1) - lowest
+    tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * lowest.abs()
+    checks.append(("advantages", "has NaN/inf at a valid (unmasked) position", (valid_seq & ~spread.isfinite()).any()))
+    checks.append(
+        ("advantages", "must be constant over each sequence's valid tokens", (valid_seq & (spread > tol)).any())
+    )
+    return torch.where(valid_seq, lowest, 0.0)
+
+
+def _check_shapes(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs) -> None:
+    _check_tensor("log_probs", log_probs)
+    if log_probs.dim() != 2 or log_probs.numel() == 0:
+        raise ValueError(f"log_probs must be a non-empty [B, L] tensor, got shape {tuple(log_probs.shape)}")
+    shape = log_probs.shape
+    _check_tensor("old_log_probs", old_log_probs, shape)
+    _check_tensor("action_mask", action_mask, shape)
+    if rollout_log_probs is not None:
+        _check_tensor("rollout_log_probs", rollout_log_probs, shape)
+    _check_tensor("advantages", advantages)
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B] or [B, L] = {tuple(shape)}")
 
 
 def prepare_batch(
@@ -92,86 +142,40 @@ def prepare_batch(
     Raises ValueError naming the argument on a shape mismatch, a non-boolean-like mask, NaN/inf at a valid position,
     advantages that vary within a sequence, or a non-positive global_batch_size.
     """
-    _check_tensor("log_probs", log_probs)
-    if log_probs.dim() != 2 or log_probs.numel() == 0:
-        raise ValueError(f"log_probs must be a non-empty [B, L] tensor, got shape {tuple(log_probs.shape)}")
-    shape = log_probs.shape
-    _check_tensor("old_log_probs", old_log_probs, shape)
-    _check_tensor("action_mask", action_mask, shape)
-    if rollout_log_probs is not None:
-        _check_tensor("rollout_log_probs", rollout_log_probs, shape)
-    _check_tensor("advantages", advantages)
-    if advantages.shape not in (shape, shape[:1]):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B] or [B, L] = {tuple(shape)}")
-
-    # Fast checks, one host sync: a masked sum is finite iff every valid entry is finite (an overflowing sum of
-    # huge finite values is re-checked entry by entry below before anything is reported).
-    fast: list[tuple[str, str, torch.Tensor]] = []
-    if action_mask.dtype == torch.bool:
-        mask = action_mask
-    else:  # OpenRLHF's action_mask is int64 0/1
-        if action_mask.is_floating_point():
-            bad_values = ((action_mask != 0) & (action_mask != 1)).any()
-        else:
-            lowest, highest = torch.aminmax(action_mask)
-            bad_values = (lowest < 0) | (highest > 1)
-        fast.append(("action_mask", "must hold only 0/1 (boolean-like) values", bad_values))
-        mask = action_mask != 0
+    _check_shapes(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs)
+    checks: list[Check] = []
+    mask = _boolean_mask(action_mask, checks)
     lengths = mask.sum(dim=-1, dtype=torch.float32)  # (B,)
-    valid_seq = lengths > 0
 
     # torch.where (never a multiply) so NaN/inf at masked positions never reach the loss or its gradient.
+    # A masked sum is finite iff every valid entry is (bar an overflow of huge finite values, which the entry-by-entry
+    # pass below then clears), so finiteness costs one reduction on the fast path.
     masked_diff = torch.where(mask, log_probs.float() - old_log_probs.detach().float(), 0.0)  # (B, L)
-    fast.append(("log_probs", "", ~torch.isfinite(masked_diff.detach().sum())))
-
-    adv = advantages.detach().float()
-    if adv.dim() == 2:
-        lowest = torch.where(mask, adv, torch.inf).amin(dim=-1)  # (B,), NaN propagates
-        highest = torch.where(mask, adv, -torch.inf).amax(dim=-1)
-        spread = highest - lowest
-        tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * lowest.abs()
-        fast.append(
-            ("advantages", "has NaN/inf at a valid (unmasked) position", (valid_seq & ~torch.isfinite(spread)).any())
-        )
-        fast.append(
-            ("advantages", "must be constant over each sequence's valid tokens", (valid_seq & (spread > tol)).any())
-        )
-        seq_adv = lowest
-    else:
-        fast.append(
-            ("advantages", "has NaN/inf for a sequence with valid tokens", (valid_seq & ~torch.isfinite(adv)).any())
-        )
-        seq_adv = adv
-    seq_adv = torch.where(valid_seq, seq_adv, 0.0)
+    checks.append(("log_probs", None, ~masked_diff.detach().sum().isfinite()))
+    seq_adv = _sequence_advantages(advantages, mask, lengths > 0, checks)
 
     rollout_log_ratio = None
     if rollout_log_probs is not None:
         rollout_diff = torch.where(mask, old_log_probs.detach().float() - rollout_log_probs.detach().float(), 0.0)
-        fast.append(("rollout_log_probs", "", ~torch.isfinite(rollout_diff.sum())))
+        checks.append(("rollout_log_probs", None, ~rollout_diff.sum().isfinite()))
         rollout_log_ratio = rollout_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
     gbs = _global_batch_size_tensor(global_batch_size, log_probs.device)
     if isinstance(global_batch_size, torch.Tensor):
-        fast.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~torch.isfinite(gbs)))
+        checks.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~gbs.isfinite()))
 
-    flags = torch.stack([bad for _, _, bad in fast]).tolist()
-    if any(flags):
-        for (name, message, _), bad in zip(fast, flags, strict=True):
-            if bad and message:
-                raise ValueError(f"{name} {message}")
-        _check_finite_at_valid(
-            mask, log_probs=log_probs, old_log_probs=old_log_probs, rollout_log_probs=rollout_log_probs
+    if _raise_first_failure(checks):  # rare: a masked sum is not finite; locate the NaN/inf and name its argument
+        _raise_first_failure(
+            [
+                (name, "has NaN/inf at a valid (unmasked) position", (mask & ~t.detach().isfinite()).any())
+                for name, t in (
+                    ("log_probs", log_probs),
+                    ("old_log_probs", old_log_probs),
+                    ("rollout_log_probs", rollout_log_probs),
+                )
+                if t is not None
+            ]
         )
 
     log_ratio = masked_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return SequenceBatch(log_ratio, mask, seq_adv, lengths), rollout_log_ratio, gbs
-
-
-def _check_finite_at_valid(mask: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """The slow path after a non-finite masked sum: find which argument holds the NaN/inf, if any really does."""
-    checks = [
-        (name, "has NaN/inf at a valid (unmasked) position", (mask & ~torch.isfinite(t.detach())).any())
-        for name, t in tensors.items()
-        if t is not None
-    ]
-    _first_bad(checks)
