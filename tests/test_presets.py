@@ -72,9 +72,11 @@ def test_preset_resolves_to_its_values_and_the_intended_setup(path):
 
 def test_command_line_overrides_the_preset_and_the_command_shows_each_flag_once():
     path = os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml")
-    plan = helpers_plugin.dry_run("--preset", path, "--actor.eps_clip_low_high", "0.3", "0.25", "--train.seed", "7")
+    argv = ["--actor.eps_clip_low_high", "0.3", "0.25", "--train.seed", "7", "--reward.clip_range", "-5", "5"]
+    plan = helpers_plugin.dry_run("--preset", path, *argv)
     assert plan.args.actor.eps_clip_low_high == [0.3, 0.25]
     assert plan.args.train.seed == 7
+    assert plan.tokens[-3:] == ["--reward.clip_range", "-5", "5"]  # a negative value stays with its flag
     assert plan.tokens.count("--actor.eps_clip_low_high") == 1
     flag = plan.tokens.index("--actor.eps_clip_low_high")
     assert plan.tokens[flag + 1 : flag + 3] == ["0.3", "0.25"]

@@ -51,6 +51,8 @@ def run_openrlhf(plan: LaunchPlan) -> LaunchPlan:
         raise SystemExit(f"openrlhf_gmpo: --backend must be one of {BACKENDS}, got {plan.backend!r}")
     with _intercept_parse_args(lambda parser, parse, module_globals: _on_parse(plan, parser, parse, module_globals)):
         runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
+    if plan.args is None:  # the hook never fired: the installed module no longer has the structure we hook
+        raise RuntimeError(f"openrlhf_gmpo: {OPENRLHF_MODULE} finished without calling train(args); unsupported build")
     return plan
 
 
