@@ -118,6 +118,8 @@ def tiny_hf_moe(seed: int = 0, **overrides):
                 param.add_(0.1 * torch.randn_like(param))
             elif name.endswith("mlp.gate.weight"):
                 param.normal_(0.0, 0.5)
+            elif ".mlp.experts." in name:  # large enough that sending a token to a wrong expert shows in log-probs
+                param.normal_(0.0, 0.3)
     return model
 
 
@@ -138,3 +140,145 @@ def hf_token_log_probs(hf_model, input_ids: torch.Tensor, attention_mask: torch.
         logits = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+# ---- the distributed suite: one spawn of 2 gloo processes runs every layout, tests read its results -------------
+
+
+def policy_batch(seed: int = 1):
+    """4 sequences of 12 tokens, the last 6 the response; rows 1 and 3 left-padded, row 2's response ends early."""
+    g = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(0, TINY_MOE["vocab_size"], (4, 12), generator=g)
+    attention_mask = torch.ones(4, 12, dtype=torch.bool)
+    attention_mask[1, :2] = False
+    attention_mask[3, :4] = False
+    action_mask = torch.ones(4, 6, dtype=torch.bool)
+    action_mask[2, 4:] = False
+    old_log_probs = -3.0 + 0.3 * torch.randn(4, 6, generator=g)
+    advantages = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    return dict(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+                old_log_probs=old_log_probs, advantages=advantages)  # fmt: skip
+
+
+UPDATE = dict(loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, lr=1e-3, clip_grad=0.1)
+
+
+def valid_prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L-1]: the target token and its previous token are real (a first token after padding has no context)."""
+    return attention_mask[:, 1:] & attention_mask[:, :-1]
+
+
+def _eval_layout(hf, sizes, batch):
+    from openrlhf_gmpo.megatron.logprobs import token_log_probs
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    initialize_parallel_state(sizes)
+    hf_state = hf.state_dict()
+    model = build_gpt_model(hf.config, sizes)
+    load_hf_weights(model, hf_state, hf.config)
+    model.eval()
+    with torch.no_grad():
+        log_probs = token_log_probs(model, batch["sequences"], batch["attention_mask"])
+    reference = hf_token_log_probs(hf, batch["sequences"], batch["attention_mask"])
+    valid = valid_prediction_mask(batch["attention_mask"])
+    exported = dict(iter_hf_weights(model, hf.config))
+    per_expert = dict(iter_hf_weights(model, hf.config, expert_layout="per_expert"))
+    return {
+        "log_prob_error": (log_probs - reference)[valid].abs().max().item(),
+        "export_mismatches": sorted(
+            n for n in hf_state if n not in exported or not torch.equal(exported[n], hf_state[n])
+        ),
+        "export_extra": sorted(set(exported) - set(hf_state)),
+        "per_expert": {n: t.clone() for n, t in per_expert.items() if ".experts." in n},
+    }
+
+
+def _update(hf, sizes, batch, rank, routing_replay=False):
+    """One policy update, each rank on its half of the batch in micro-batches of 1; returns the HF-named weights."""
+    from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.train import (
+        OptimizerOptions,
+        PolicyMicroBatch,
+        build_optimizer,
+        policy_update,
+        wrap_ddp,
+    )
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    initialize_parallel_state(sizes)
+    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=routing_replay))
+    load_hf_weights(model, hf.state_dict(), hf.config)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimizerOptions(lr=UPDATE["lr"], clip_grad=UPDATE["clip_grad"]))
+    half = range(2 * rank, 2 * rank + 2)
+    keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
+    micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in half]
+    metrics = policy_update(
+        ddp, optimizer, micro_batches, loss_name=UPDATE["loss_name"], clip_eps_low=UPDATE["clip_eps_low"],
+        clip_eps_high=UPDATE["clip_eps_high"], global_batch_size=4, dp_size=sizes.dp,
+    )  # fmt: skip
+    return metrics, {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+
+
+def _routing_replay_check(hf, sizes, batch):
+    """Record routing with the HF router weights, then compare passes after changing the routers."""
+    from openrlhf_gmpo.megatron import routing_replay
+    from openrlhf_gmpo.megatron.logprobs import token_log_probs
+    from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.weights import load_hf_weights
+
+    initialize_parallel_state(sizes)
+    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=True))
+    load_hf_weights(model, hf.state_dict(), hf.config)
+    model.eval()
+    ids, mask = batch["sequences"], batch["attention_mask"]
+    recorded = []
+    with torch.no_grad(), routing_replay.recording(mask, into=recorded):
+        token_log_probs(model, ids, mask)
+    # Change the last layer's router only, so that its input (the hidden states) stays what was recorded.
+    routers = [p for n, p in model.named_parameters() if n.endswith("mlp.router.weight")][-1:]
+    # Replay on a re-batched order (rows reversed, then two micro-batches with their common padding trimmed).
+    order = [3, 2, 1, 0]
+    out = {}
+    # x2 and -1 are exact in floating point: doubling keeps every top-k choice, negating changes most of them.
+    for label, factor in (("doubled", 2.0), ("negated", -1.0)):
+        with torch.no_grad():
+            for p in routers:
+                p.mul_(factor)
+        free, replayed = [], []
+        for rows in (order[:2], order[2:]):
+            start = int((~mask[rows]).all(0).sum())  # leading columns that are padding in every row
+            sub_ids, sub_mask = ids[rows, start:], mask[rows, start:]
+            with torch.no_grad():
+                free.append(token_log_probs(model, sub_ids, sub_mask)[valid_prediction_mask(sub_mask)])
+                with routing_replay.replaying([recorded[r] for r in rows], sub_mask):
+                    replayed.append(token_log_probs(model, sub_ids, sub_mask)[valid_prediction_mask(sub_mask)])
+        out[label] = (torch.cat(free) - torch.cat(replayed)).abs().max().item()
+        with torch.no_grad():
+            for p in routers:
+                p.div_(factor)
+    return out
+
+
+def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Runs every CPU check of the megatron backend on 2 ranks; rank r saves its results to out_dir/rank{r}.pt."""
+    from openrlhf_gmpo.megatron.parallel import ParallelSizes
+
+    init_gloo(rank, world_size, port)
+    batch = policy_batch()
+    moe, dense = tiny_hf_moe(), tiny_hf_dense()
+    results = {
+        "eval_ep1": _eval_layout(moe, ParallelSizes(world_size), batch),
+        "eval_ep2": _eval_layout(moe, ParallelSizes(world_size, ep=2), batch),
+        "eval_tp2": _eval_layout(moe, ParallelSizes(world_size, tp=2), batch),
+        "eval_dense_tp2": _eval_layout(dense, ParallelSizes(world_size, tp=2), batch),
+        "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
+        "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
+        "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
+    }
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()

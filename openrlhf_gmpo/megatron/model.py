@@ -154,6 +154,13 @@ def build_gpt_model(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(**transformer_config_kwargs(hf_config, sizes, moe=moe, params_dtype=params_dtype))
+    if moe.routing_replay:
+        if config.sequence_parallel:
+            raise ValueError(f"routing replay needs tp == 1 or ep == 1 (no sequence parallelism), got {sizes}")
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        # Routers register in one process-wide list; it must hold exactly this model's routers, in layer order.
+        RouterReplay.clear_global_router_replay_instances()
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(hf_config, sizes, use_te),

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from openrlhf_gmpo.losses import compute_policy_loss
+from openrlhf_gmpo.megatron import routing_replay
 from openrlhf_gmpo.megatron.logprobs import token_log_probs
 
 
@@ -29,6 +31,7 @@ class PolicyMicroBatch:
     old_log_probs: torch.Tensor  # (b, A) from the old-policy pass
     advantages: torch.Tensor  # (b,) or (b, A)
     rollout_log_probs: torch.Tensor | None = None  # (b, A) from vLLM, for the rollout importance correction
+    routing: list[torch.Tensor] | None = None  # per sequence, experts recorded in the old-policy pass (replay)
 
 
 def action_log_probs(model, sequences, attention_mask, num_actions: int, temperature: float = 1.0) -> torch.Tensor:
@@ -152,9 +155,11 @@ def policy_update(
     totals: dict[str, float] = {}
     loss_sum = 0.0
     for mb in micro_batches:
-        log_probs = action_log_probs(
-            ddp_model, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], temperature=temperature
-        )
+        replay = nullcontext() if mb.routing is None else routing_replay.replaying(mb.routing, mb.attention_mask)
+        with replay:
+            log_probs = action_log_probs(
+                ddp_model, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], temperature=temperature
+            )
         loss, metrics = compute_policy_loss(
             loss_name,
             log_probs,
