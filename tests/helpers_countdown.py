@@ -13,6 +13,14 @@ def sample_tasks(n: int = 300) -> tuple[CountdownTask, ...]:
     return tuple(generate_tasks(n, SEED))
 
 
+@functools.cache
+def sample_texts() -> tuple[tuple[CountdownTask, str, str], ...]:
+    """(task, prompt text, SFT response) for every sample task (solving them is the slow part: done once)."""
+    from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
+
+    return tuple((task, prompt_text(task), sft_response(task)) for task in sample_tasks())
+
+
 # Pieces an adversarial response is assembled from: tags (whole, broken, repeated), the grammar's characters,
 # characters just outside it (unicode digits and operators, '.', '=', '**', '//'), code, and huge or deep text.
 FUZZ_PIECES = (

@@ -1,7 +1,6 @@
 import helpers_countdown
 import pytest
 
-from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
 from openrlhf_gmpo.countdown.tokenizer import EOS, PAD, build_tokenizer
 
 
@@ -10,10 +9,10 @@ def tokenizer():
     return build_tokenizer()
 
 
-def chat(task, with_response=True):
-    messages = [{"role": "user", "content": prompt_text(task)}]
-    if with_response:
-        messages.append({"role": "assistant", "content": sft_response(task)})
+def chat(prompt, response=None):
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
     return messages
 
 
@@ -32,8 +31,8 @@ def test_tags_and_roles_are_single_tokens(tokenizer):
 
 
 def test_every_prompt_and_trace_round_trips(tokenizer):
-    for task in helpers_countdown.sample_tasks():
-        for text in (prompt_text(task), sft_response(task), tokenizer.apply_chat_template(chat(task), tokenize=False)):
+    for _, prompt, response in helpers_countdown.sample_texts():
+        for text in (prompt, response, tokenizer.apply_chat_template(chat(prompt, response), tokenize=False)):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert tokenizer.unk_token_id not in ids, text
             assert tokenizer.decode(ids, skip_special_tokens=False) == text
@@ -42,11 +41,11 @@ def test_every_prompt_and_trace_round_trips(tokenizer):
 def test_chat_template_matches_what_openrlhf_slices(tokenizer):
     # OpenRLHF's SFT dataset takes response = full[len(prompt):]; the prompt must be a prefix of the full chat and
     # the response must end in eos so OpenRLHF does not append " " + eos itself.
-    task = helpers_countdown.sample_tasks()[0]
-    prompt = tokenizer.apply_chat_template(chat(task, False), tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(chat(task), tokenize=False)
-    assert prompt == f"<|user|>{prompt_text(task)}<|end|><|assistant|>"
-    assert full == prompt + sft_response(task) + EOS
+    _, user, response = helpers_countdown.sample_texts()[0]
+    prompt = tokenizer.apply_chat_template(chat(user), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(chat(user, response), tokenize=False)
+    assert prompt == f"<|user|>{user}<|end|><|assistant|>"
+    assert full == prompt + response + EOS
     # The compact prompt is ~26 tokens with its chat markers.
     assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 32
 
@@ -61,8 +60,8 @@ def test_saved_tokenizer_reloads_identically(tokenizer, tmp_path):
 
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    task = helpers_countdown.sample_tasks()[1]
-    text = tokenizer.apply_chat_template(chat(task), tokenize=False)
-    assert reloaded.apply_chat_template(chat(task), tokenize=False) == text
+    _, prompt, response = helpers_countdown.sample_texts()[1]
+    text = tokenizer.apply_chat_template(chat(prompt, response), tokenize=False)
+    assert reloaded.apply_chat_template(chat(prompt, response), tokenize=False) == text
     assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert (reloaded.pad_token_id, reloaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
