@@ -14,6 +14,7 @@ Prints a table and writes JSON. The GPU goal: gmpo <= 1.3x PolicyLoss time at B=
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -99,7 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--json", default="bench_losses.json", help="where to write the results")
+    parser.add_argument(
+        "--json", default="runs/bench_losses.json", help="where to write the results (runs/ is git-ignored)"
+    )
     args = parser.parse_args(argv)
     if args.batch < 1 or args.length < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit(f"--batch, --length, --repeats must be >= 1 and --warmup >= 0, got {vars(args)}")
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
         "note": note,
         "rows": rows,
     }
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
