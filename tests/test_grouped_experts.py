@@ -82,8 +82,9 @@ def make_config(**overrides) -> TransformerConfig:
 def build_pair(config, pg_collection, device="cpu", dtype=torch.float32):
     """SequentialMLP from megatron's local spec, and GroupedExperts holding the very same weights."""
     torch.manual_seed(0)
-    sequential = LocalSpecProvider().grouped_mlp_modules(False)(NUM_EXPERTS, config, pg_collection=pg_collection)
-    grouped = grouped_experts_submodule()(NUM_EXPERTS, config, pg_collection=pg_collection)
+    experts = config.num_moe_experts
+    sequential = LocalSpecProvider().grouped_mlp_modules(False)(experts, config, pg_collection=pg_collection)
+    grouped = grouped_experts_submodule()(experts, config, pg_collection=pg_collection)
     with torch.no_grad():  # std 1/sqrt(fan_in) instead of megatron's 0.02, so activations and outputs are O(1)
         for param in sequential.parameters():
             param.normal_(0.0, param.shape[-1] ** -0.5)
@@ -91,12 +92,12 @@ def build_pair(config, pg_collection, device="cpu", dtype=torch.float32):
     return sequential.to(device, dtype), grouped.to(device, dtype)
 
 
-def make_batch(counts, device="cpu", dtype=torch.float32, seed=1):
+def make_batch(counts, device="cpu", dtype=torch.float32, seed=1, hidden_size=HIDDEN):
     generator = torch.Generator().manual_seed(seed)
     tokens = sum(counts)
-    hidden = torch.randn(tokens, HIDDEN, generator=generator).to(device, dtype)
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(device, dtype)
     probs = torch.rand(tokens, generator=generator).to(device)  # the router's fp32 probs
-    grad_out = torch.randn(tokens, HIDDEN, generator=generator).to(device, dtype)
+    grad_out = torch.randn(tokens, hidden_size, generator=generator).to(device, dtype)
     return hidden, torch.tensor(counts), probs, grad_out
 
 
@@ -270,3 +271,18 @@ def test_gpu_grouped_matches_sequential_mlp(pg_collection, dtype, monkeypatch):
     assert grouped.fallback_reason(batch[0]) is None
     tolerance = dict(atol=1e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     assert_same_results(forward_backward(sequential, *batch), forward_backward(grouped, *batch), **tolerance)
+
+
+@pytest.mark.gpu
+def test_gpu_many_experts_bf16(pg_collection):
+    """A wider layer on the fast bf16 kernel: 16 experts (4 of them empty), hidden 512, expert FFN 256."""
+    config = make_config(hidden_size=512, moe_ffn_hidden_size=256, num_moe_experts=16, bias_activation_fusion=True)
+    sequential, grouped = build_pair(config, pg_collection, device="cuda", dtype=torch.bfloat16)
+    counts = [0, 37, 300, 1, 0, 64, 129, 0, 5, 700, 16, 0, 33, 2, 255, 90]
+    batch = make_batch(counts, device="cuda", dtype=torch.bfloat16, hidden_size=512)
+    assert grouped.fallback_reason(batch[0]) is None
+    # weight grads sum over up to 700 tokens: allow a few bf16 steps on O(10) values
+    expected, actual = forward_backward(sequential, *batch), forward_backward(grouped, *batch)
+    assert_same_results(expected, actual, atol=5e-2, rtol=3e-2)
+    for index in (0, 4, 7, 11):  # experts without tokens get exactly zero gradient
+        assert not actual[3][f"local_experts.{index}.linear_fc1.weight"].any()

@@ -95,7 +95,10 @@ class _GroupedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, offsets: torch.Tensor, stacked: torch.Tensor | None, *weights: torch.Tensor):
         if stacked is None:
             stacked = torch.stack(weights)  # a copy each step; see the module docstring
+        x = x.contiguous()  # grouped GEMM kernels take row-major activations
         ctx.save_for_backward(x, offsets, stacked)
+        if x.shape[0] == 0:  # no tokens on this rank: empty operands are an edge case of grouped GEMM kernels
+            return x.new_empty(0, stacked.shape[1])
         return _grouped_mm(x, stacked.transpose(1, 2), offs=offsets)  # [T, N]
 
     @staticmethod
@@ -106,7 +109,8 @@ class _GroupedLinear(torch.autograd.Function):
             return torch.zeros_like(x), None, None, *torch.zeros_like(stacked).unbind(0)
         grad_out = grad_out.contiguous()
         grad_x = _grouped_mm(grad_out, stacked, offs=offsets) if ctx.needs_input_grad[0] else None  # [T, K]
-        # 2D x 2D form: the token dimension is split by `offsets`, one [N, K] product per expert; empty experts get 0.
+        # 2D x 2D form: the token dimension is split by `offsets`, one [N, K] product per expert. Experts without
+        # tokens get 0 on CPU and Hopper (pytorch/pytorch#172439 reports otherwise on Blackwell; tests check it).
         grad_weights = _grouped_mm(grad_out.t(), x, offs=offsets)  # [E, N, K]
         return grad_x, None, None, *grad_weights.unbind(0)
 
