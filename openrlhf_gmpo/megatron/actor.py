@@ -1,0 +1,368 @@
+"""`MegatronPolicyActor`: OpenRLHF 0.11.2's policy actor, trained with megatron-core (expert parallelism) instead of
+DeepSpeed. A plain class; the launcher wraps it with `ray.remote(num_gpus=1)` and OpenRLHF's RayActorGroup creates one
+per GPU with `(world_size, rank, master_addr, master_port)`.
+
+What OpenRLHF's PPO trainer calls, and what each does here:
+- `init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)`: process groups, this rank's share of the
+  model read lazily from the HF checkpoint, DDP, optimizer, the weight-sync group with vLLM.
+- `forward(sequences, action_mask, attention_mask, ...)` (through `execute_batch`): old-policy log-probs; with routing
+  replay it also records each sequence's experts.
+- `append(experience)`, `fit(kl_ctl)`: buffer this rank's experiences, then run `train.max_epochs` passes of optimizer
+  steps over them; returns the metrics dict the trainer logs.
+- `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`.
+Not provided: `offload_states`/`reload_states` (`--ds.enable_sleep` is rejected by `validate_megatron_args`).
+
+Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecutive actors, which
+`validate_megatron_args` makes equal to megatron's TP size, so a chunk lands on exactly one data-parallel replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from openrlhf.trainer.ray.launcher import BaseModelActor
+
+from openrlhf_gmpo.megatron import routing_replay
+from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, save_hf_checkpoint
+from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
+from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
+from openrlhf_gmpo.megatron.train import (
+    OptimizerOptions,
+    PolicyMicroBatch,
+    action_log_probs,
+    build_optimizer,
+    policy_update,
+    wrap_ddp,
+)
+from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+
+def sequence_key(sequence: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    """Identifies a sample by its valid tokens, so recorded routing finds it again however it is re-batched."""
+    return hashlib.sha1(sequence[attention_mask.bool()].cpu().numpy().tobytes()).hexdigest()
+
+
+def left_pad_collate(samples: list[dict]) -> dict:
+    """Stack per-sample rows of different lengths by padding on the left (sequence and action columns alike), so the
+    response stays the last A columns of each row."""
+    seq_len = max(s["sequences"].shape[0] for s in samples)
+    num_actions = max(s["action_mask"].shape[0] for s in samples)
+
+    def pad(key: str, width: int) -> torch.Tensor:
+        rows = [torch.nn.functional.pad(s[key], (width - s[key].shape[0], 0)) for s in samples]
+        return torch.stack(rows)
+
+    batch = {key: pad(key, seq_len) for key in ("sequences", "attention_mask")}
+    for key in ("action_mask", "old_log_probs", "advantages", "rollout_log_probs"):
+        if samples[0].get(key) is not None:
+            batch[key] = pad(key, num_actions)
+    batch["attention_mask"] = batch["attention_mask"].bool()
+    batch["action_mask"] = batch["action_mask"].bool()
+    return batch
+
+
+class MegatronPolicyActor(BaseModelActor):
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.strategy = strategy
+        self.args = args = strategy.args
+        self.vllm_engines = vllm_engines
+        self.device = _init_torch_distributed()
+        self.hf_config = AutoConfig.from_pretrained(pretrain)
+        m = args.megatron
+        world = torch.distributed.get_world_size()
+        self.sizes = sizes_for_hf_config(self.hf_config, ParallelSizes(world, tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp))
+        initialize_parallel_state(self.sizes, seed=args.train.seed)
+        _check_data_chunking(self.sizes)
+        self.routing_replay = bool(m.routing_replay) and is_moe_config(self.hf_config)
+        model = build_gpt_model(
+            self.hf_config,
+            self.sizes,
+            moe=MoEOptions(router_dtype=m.router_dtype, aux_loss_coef=m.aux_loss_coef, routing_replay=m.routing_replay),
+            params_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        )
+        load_hf_weights(model, SafetensorsCheckpoint(pretrain), self.hf_config)
+        self.model = wrap_ddp(model)
+        adam = args.actor.adam
+        self.optimizer = build_optimizer(
+            self.model,
+            OptimizerOptions(
+                lr=adam.lr,
+                weight_decay=adam.weight_decay,
+                betas=tuple(adam.betas),
+                eps=adam.eps,
+                clip_grad=args.actor.max_norm,
+            ),
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrain)
+        self.experiences, self.recorded_routing = [], {}
+        self.checkpoint_states = self._load_checkpoint() if args.ckpt.load_enable else {}
+        self._model_update_group = None
+        if vllm_engines and torch.distributed.get_rank() == 0:
+            self._init_vllm_sync_group()
+        torch.distributed.barrier()
+
+    # ---- experience ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self, sequences, action_mask=None, attention_mask=None, packed_seq_lens=None, mm_train_inputs_list=None
+    ):
+        """Old-policy log-probs of the response tokens, (b, A) on CPU."""
+        if packed_seq_lens is not None or mm_train_inputs_list:
+            raise ValueError("the megatron backend takes padded text batches (no --ds.packing_samples, no images)")
+        sequences, attention_mask = sequences.to(self.device), attention_mask.to(self.device).bool()
+        recorded = []
+        self.model.eval()
+        with torch.no_grad():
+            if self.routing_replay:
+                with routing_replay.recording(attention_mask, into=recorded):
+                    log_probs = self._log_probs(sequences, attention_mask, action_mask.shape[1])
+                for i, routing in enumerate(recorded):
+                    self.recorded_routing[sequence_key(sequences[i], attention_mask[i])] = routing
+            else:
+                log_probs = self._log_probs(sequences, attention_mask, action_mask.shape[1])
+        self.model.train()
+        return log_probs.cpu()
+
+    def _log_probs(self, sequences, attention_mask, num_actions):
+        temperature = self.args.rollout.temperature
+        return action_log_probs(self.model, sequences, attention_mask, num_actions, temperature=temperature)
+
+    def append(self, experience) -> None:
+        self.experiences.append(experience)
+
+    def _samples(self) -> list[dict]:
+        """This rank's buffer as per-sample dicts (OpenRLHF's advantages are per token; old = action_log_probs)."""
+        samples = []
+        for exp in self.experiences:
+            for i in range(exp.sequences.shape[0]):
+                sample = {
+                    "sequences": exp.sequences[i],
+                    "attention_mask": exp.attention_mask[i],
+                    "action_mask": exp.action_mask[i],
+                    "old_log_probs": exp.action_log_probs[i],
+                    "advantages": exp.advantages[i],
+                    "rollout_log_probs": None if exp.rollout_log_probs is None else exp.rollout_log_probs[i],
+                    "info": {k: v[i] for k, v in exp.info.items() if torch.is_tensor(v) and v.dim() == 1},
+                }
+                if self.routing_replay:
+                    sample["routing"] = self.recorded_routing[sequence_key(exp.sequences[i], exp.attention_mask[i])]
+                samples.append(sample)
+        return samples
+
+    def _micro_batch(self, samples: list[dict]) -> PolicyMicroBatch:
+        batch = {k: v.to(self.device) for k, v in left_pad_collate(samples).items()}
+        return PolicyMicroBatch(
+            sequences=batch["sequences"],
+            attention_mask=batch["attention_mask"],
+            action_mask=batch["action_mask"],
+            old_log_probs=batch["old_log_probs"],
+            advantages=batch["advantages"],
+            rollout_log_probs=batch.get("rollout_log_probs"),
+            routing=[s["routing"] for s in samples] if self.routing_replay else None,
+        )
+
+    # ---- training ------------------------------------------------------------------------------------------------
+
+    def fit(self, kl_ctl: float = 0) -> dict:
+        """`train.max_epochs` passes over the buffer in optimizer steps of `train.batch_size` samples (global)."""
+        from megatron.core import parallel_state as ps
+
+        args = self.args
+        samples = self._samples()
+        per_rank_step = args.train.batch_size // self.sizes.dp
+        # Every DP rank must take the same number of steps (DDP syncs each one); leftovers are dropped, like
+        # OpenRLHF's drop_last.
+        count = torch.tensor([len(samples) // per_rank_step], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        steps = int(count.item())
+        if steps == 0:
+            raise ValueError(
+                f"{len(samples)} samples on this rank, fewer than one optimizer step of {per_rank_step} "
+                f"(train.batch_size {args.train.batch_size} / dp {self.sizes.dp})"
+            )
+        low, high = args.actor.eps_clip_low_high
+        micro = args.train.micro_batch_size
+        history = []
+        for epoch in range(args.train.max_epochs):
+            # Same permutation on every rank of a DP replica: TP ranks must see the same samples in the same order.
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.train.seed + epoch))
+            for step in range(steps):
+                chunk = [samples[i] for i in order[step * per_rank_step : (step + 1) * per_rank_step].tolist()]
+                micro_batches = [self._micro_batch(chunk[j : j + micro]) for j in range(0, len(chunk), micro)]
+                metrics = policy_update(
+                    self.model,
+                    self.optimizer,
+                    micro_batches,
+                    loss_name=args.actor.policy_loss_type,
+                    clip_eps_low=low,
+                    clip_eps_high=high,
+                    global_batch_size=args.train.batch_size,
+                    dp_size=self.sizes.dp,
+                    temperature=args.rollout.temperature,
+                )
+                history.append(metrics)
+        status = _mean_over_steps(history)
+        status["actor_grad_norm"] = history[-1]["grad_norm"]  # OpenRLHF reports the last step's norm
+        status["actor_lr"] = args.actor.adam.lr
+        for key in samples[0]["info"]:
+            status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
+        status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
+        self.experiences, self.recorded_routing = [], {}
+        return status
+
+    # ---- weights out -----------------------------------------------------------------------------------------------
+
+    def broadcast_to_vllm(self) -> None:
+        """Rank 0 announces each HF-named bf16 tensor to every engine, then broadcasts it over the sync group."""
+        import ray
+
+        rank0 = torch.distributed.get_rank() == 0
+        tied = self.hf_config.tie_word_embeddings
+        total, sent = _hf_weight_count(self.hf_config), 0
+        for name, tensor in iter_hf_weights(self.model.module, self.hf_config, "per_expert"):
+            if not rank0 or (tied and name == "lm_head.weight"):
+                continue  # vLLM ties lm_head to the embedding itself
+            sent += 1
+            weight = tensor.to(torch.bfloat16).contiguous()  # vLLM asserts the dtype it was started with
+            refs = [
+                engine.update_weight.remote(name, dtype=weight.dtype, shape=weight.shape, empty_cache=sent == total)
+                for engine in self.vllm_engines
+            ]
+            self._model_update_group.broadcast(weight, src=0, stream=torch.cuda.current_stream())
+            ray.get(refs)
+        torch.distributed.barrier()
+
+    def _init_vllm_sync_group(self) -> None:
+        """Rank 0 + every vLLM worker in one NCCL group, as OpenRLHF's DeepSpeed actor builds it."""
+        import ray
+        from openrlhf.utils.distributed_util import stateless_init_process_group
+
+        vllm = self.args.vllm
+        address = ray._private.services.get_node_ip_address()
+        port = self._get_free_port()
+        world_size = vllm.num_engines * vllm.tensor_parallel_size + 1
+        refs = [
+            engine.init_process_group.remote(
+                address, port, i * vllm.tensor_parallel_size + 1, world_size, "openrlhf", backend="nccl", use_ray=False
+            )
+            for i, engine in enumerate(self.vllm_engines)
+        ]
+        self._model_update_group = stateless_init_process_group(
+            address, port, 0, world_size, torch.cuda.current_device()
+        )
+        ray.get(refs)
+
+    def save_model(self) -> None:
+        self._save_hf(self.args.ckpt.output_dir)
+
+    def _save_hf(self, out_dir: str) -> None:
+        rank0 = torch.distributed.get_rank() == 0
+        weights = (
+            (name, tensor)
+            for name, tensor in iter_hf_weights(self.model.module, self.hf_config, "per_expert")
+            if not (name == "lm_head.weight" and self.hf_config.tie_word_embeddings)
+        )
+        save_hf_checkpoint(weights, out_dir, write=rank0, dtype=torch.bfloat16 if torch.cuda.is_available() else None)
+        if rank0:
+            self.hf_config.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+        torch.distributed.barrier()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, tag: str) -> str:
+        return os.path.join(self.args.ckpt.path, "_actor", tag)
+
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None) -> None:
+        """Per-rank model shard and optimizer state (resumable with the same parallel sizes), plus an HF copy with
+        --ckpt.save_hf. megatron's distributed optimizer writes its sharded state through its own
+        `save_parameter_state`."""
+        path = self._checkpoint_dir(tag)
+        os.makedirs(path, exist_ok=True)
+        rank = torch.distributed.get_rank()
+        state = {"model": self.model.module.state_dict(), "client_states": client_states or {}}
+        if hasattr(self.optimizer, "save_parameter_state"):
+            self.optimizer.save_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
+        state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
+        if rank == 0:
+            with open(os.path.join(self.args.ckpt.path, "_actor", "latest"), "w") as f:
+                f.write(tag)
+        if self.args.ckpt.save_hf:
+            self._save_hf(os.path.join(self.args.ckpt.path, f"{tag}_hf"))
+        torch.distributed.barrier()
+
+    def _load_checkpoint(self) -> dict:
+        latest = os.path.join(self.args.ckpt.path, "_actor", "latest")
+        if not os.path.exists(latest):
+            return {}
+        with open(latest) as f:
+            path = self._checkpoint_dir(f.read().strip())
+        state = torch.load(os.path.join(path, f"rank{torch.distributed.get_rank():05d}.pt"), weights_only=False)
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.optimizer, "load_parameter_state"):
+            self.optimizer.load_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
+        return state["client_states"]
+
+    def get_checkpoint_states(self) -> dict:
+        return self.checkpoint_states
+
+    def empty_cache(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _init_torch_distributed() -> torch.device:
+    """The default process group from the env BaseDistributedActor set (NCCL on GPU, gloo on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _check_data_chunking(sizes: ParallelSizes) -> None:
+    """OpenRLHF gives actor r chunk r // tp; that must be megatron's data-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    rank = torch.distributed.get_rank()
+    if ps.get_data_parallel_rank() != rank // sizes.tp:
+        raise ValueError(
+            f"rank {rank}: megatron data-parallel rank {ps.get_data_parallel_rank()} != rank // tp = "
+            f"{rank // sizes.tp}; OpenRLHF's data chunks would reach the wrong replica"
+        )
+
+
+def _hf_weight_count(hf_config) -> int:
+    """How many tensors `broadcast_to_vllm` sends (per-expert layout, no tied lm_head): vLLM empties its cache
+    after the last one."""
+    per_layer = 8  # q, k, v, o, q_norm, k_norm, input and post-attention norms
+    if is_moe_config(hf_config):
+        per_layer += 1 + 3 * hf_config.num_experts  # router + gate/up/down per expert
+    else:
+        per_layer += 3
+    head = 0 if hf_config.tie_word_embeddings else 1
+    return 2 + head + hf_config.num_hidden_layers * per_layer  # embedding, final norm, lm_head
+
+
+def _mean_over_steps(history: list[dict]) -> dict:
+    return {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+
+
+def _mean_over_group(status: dict, group, device) -> dict:
+    keys = sorted(status)
+    values = torch.tensor([float(status[k]) for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values, group=group)
+    values /= torch.distributed.get_world_size(group=group)
+    return dict(zip(keys, values.tolist(), strict=True))
