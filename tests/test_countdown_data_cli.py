@@ -180,3 +180,12 @@ def test_cli_tokenizer_and_tiny_model(tmp_path):
     assert (config.architectures, config.num_experts, config.num_experts_per_tok) == (["Qwen3MoeForCausalLM"], 8, 1)
     assert (config.pad_token_id, config.eos_token_id) == (0, 2)
     assert (tmp_path / "model" / "tokenizer.json").exists()
+
+
+def test_cli_all_writes_data_and_model(tmp_path):
+    out = tmp_path / "run"
+    argv = ["countdown", "all", "--out", str(out), "--train", "4", "--val", "2", "--sft", "3", "--size", "tiny"]
+    assert main([*argv, "--seed", "3", "--model-seed", "1"]) == 0
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(FILES)
+    assert (out / "model-tiny" / "model.safetensors").exists() and (out / "model-tiny" / "tokenizer.json").exists()
+    assert len(load_tasks(out / "data" / "val.jsonl")) == 2

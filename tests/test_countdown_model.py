@@ -50,6 +50,7 @@ def test_checkpoint_reloads_as_qwen3_moe_in_bf16(tmp_path):
     model = build_model("tiny", len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id)
     expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     save_checkpoint(model, tokenizer, str(tmp_path))
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is not converted
     assert (tmp_path / "model.safetensors").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded).__name__ == "Qwen3MoeForCausalLM"

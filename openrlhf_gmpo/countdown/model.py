@@ -84,8 +84,13 @@ def count_parameters(config) -> int:
 
 
 def save_checkpoint(model, tokenizer, out_dir: str, dtype: str = "bfloat16") -> None:
-    """Save weights as safetensors (bf16 by default: vLLM's weight sync asserts bf16) plus the tokenizer."""
+    """Save weights as safetensors plus the tokenizer; the caller's model is left as it is (a copy is converted).
+
+    bf16 by default: vLLM's weight sync asserts bf16, and OpenRLHF loads in bf16 anyway.
+    """
+    import copy
+
     import torch
 
-    model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
