@@ -20,7 +20,8 @@ to the Parameters without copying. The alternative, `torch.stack` every step, co
 forward and holds that copy until the backward: for 128 experts x 4.7M bf16 weights that is 1.2 GB written and kept
 per layer per micro-batch, which the view avoids. If something re-homes the weights so they are no longer evenly
 spaced (`model.to(...)` is handled by re-stacking in `_apply`; megatron DDP with the distributed optimizer lays
-params out in reverse order), the forward still works: it detects that and falls back to `torch.stack`.
+params out in reverse order), the forward still works: it detects that, logs it once and falls back to `torch.stack`
+(`bench/bench_moe_layer.py` measures that case as "scattered weights").
 
 The one entry point, for building a local layer spec on CUDA without TE (expert tensor parallel size must be 1):
 
@@ -47,7 +48,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 logger = logging.getLogger(__name__)
 
-# torch 2.10+ exposes the public name; torch 2.9-2.13 all have the private op with the same arguments.
+# The public name where this torch has it (2.13 does), else the private op it wraps, with the same arguments.
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _logged: set[str] = set()
 
