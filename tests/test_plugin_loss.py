@@ -122,6 +122,11 @@ def test_policy_actor_class_per_loss_and_backend():
     assert policy_actor_class(ppo.args, "deepspeed") is PolicyModelActor  # OpenRLHF's own losses: untouched
     assert issubclass(_GMPOPolicyModelActor, PolicyModelActor.__ray_actor_class__)
 
+    from openrlhf_gmpo.megatron.actor import MegatronPolicyActor
+
+    megatron = policy_actor_class(gmpo.args, "megatron")
+    assert megatron.__ray_actor_class__ is MegatronPolicyActor  # wrapped with ray.remote for RayActorGroup
+
 
 def test_version_check_refuses_other_series(monkeypatch):
     from openrlhf_gmpo.openrlhf_plugin import version

@@ -27,6 +27,19 @@ def expected_resolution(name: str) -> dict:
             "rollout.max_new_tokens": 3000,
             "reward.remote_url": [MATH_REWARD],
         }
+    if "_megatron_" in name:
+        # The same algorithm on our megatron backend: EP8, TP1, fp32 router, no aux loss, 8 or 16 GPUs.
+        return common | {
+            "actor.eps_clip_low_high": [0.2, 0.2],
+            "megatron.ep": 8,
+            "megatron.tp": 1,
+            "megatron.router_dtype": "fp32",
+            "megatron.aux_loss_coef": 0.0,
+            "actor.aux_loss_coef": 0.0,
+            "rollout.batch_size": 128,
+            "train.batch_size": 512,
+            "actor.num_nodes": 2 if name.endswith("16gpu.yaml") else 1,
+        }
     if name.startswith("qwen3-30b-a3b"):
         # Batch 128 prompts, mini-batch 64 prompts = 512 samples; 0.2/0.2 clip; aux loss off; grouped-mm experts.
         return common | {
@@ -122,6 +135,15 @@ BAD_PRESETS = {
     "token-level rollout correction with our loss": (
         BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.is_correction_level: token\n",
         "our losses support the rollout correction only as level seq",
+    ),
+    "megatron flag without the megatron backend": (BASE + "megatron.ep: 8\n", "unknown key 'megatron.ep'"),
+    "megatron backend with OpenRLHF's ppo loss": (
+        BASE + "backend: megatron\nactor.policy_loss_type: ppo\n",
+        "the megatron backend computes our losses only",
+    ),
+    "megatron backend validation runs": (
+        BASE + "backend: megatron\nactor.policy_loss_type: gmpo\nmegatron.ep: 0\n",
+        "--megatron.ep 0 must be >= 1",
     ),
     "loss aggregation with our loss": (
         BASE + "actor.policy_loss_type: grpo\nactor.loss_agg_mode: seq-mean-token-mean\n",

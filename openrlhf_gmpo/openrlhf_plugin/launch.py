@@ -149,6 +149,11 @@ def validate_plugin_args(args, backend: str) -> None:
                 "gating (a per-sequence truncated importance weight capped at the HIGH threshold)"
             )
     if backend == "megatron":
+        if args.actor.policy_loss_type not in OUR_LOSS_TYPES:
+            raise SystemExit(
+                f"--actor.policy_loss_type {args.actor.policy_loss_type}: the megatron backend computes our losses "
+                f"only ({', '.join(OUR_LOSS_TYPES)}); OpenRLHF's ppo/gspo run on --backend deepspeed"
+            )
         _megatron_args_module().validate_megatron_args(args)
 
 

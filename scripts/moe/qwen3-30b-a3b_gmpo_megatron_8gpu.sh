@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GMPO on Qwen3-30B-A3B, DeepScaleR, megatron backend (8 GPUs): configs/qwen3-30b-a3b_gmpo_megatron_8gpu.yaml as a Ray job.
+#   RAY_ADDRESS=http://head-node:8265 bash scripts/moe/qwen3-30b-a3b_gmpo_megatron_8gpu.sh [extra OpenRLHF / --megatron.* flags]
+#   DRY_RUN=1 bash scripts/moe/qwen3-30b-a3b_gmpo_megatron_8gpu.sh    # print the resolved command, validated by OpenRLHF's parser; no Ray
+# NODES / GPUS_PER_NODE / VLLM_TP size the cluster (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated);
+# EP sets --megatron.ep; MODEL / DATASET override the preset's model and prompt data.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+NODES="${NODES:-1}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+VLLM_TP="${VLLM_TP:-4}"
+EP="${EP:-8}"
+MODEL="${MODEL:-Qwen/Qwen3-30B-A3B}"
+DATASET="${DATASET:-agentica-org/DeepScaleR-Preview-Dataset}"
+
+CLUSTER=(
+  --actor.num_nodes "$NODES"
+  --actor.num_gpus_per_node "$GPUS_PER_NODE"
+  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
+  --vllm.tensor_parallel_size "$VLLM_TP"
+  --megatron.ep "$EP"
+)
+INPUTS=(
+  --actor.model_name_or_path "$MODEL"
+  --data.prompt_dataset "$DATASET"
+)
+
+submit_preset configs/qwen3-30b-a3b_gmpo_megatron_8gpu.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
