@@ -233,8 +233,11 @@ def test_unsupported_config_runs_sequential_mlp(pg_collection, cpu_shims):
     assert torch.equal(actual, expected)
 
 
-def test_moe_layer_with_grouped_experts_matches_local_spec(pg_collection, cpu_shims):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_moe_layer_with_grouped_experts_matches_local_spec(pg_collection, request, device):
     """The whole MoELayer (router, alltoall dispatcher, experts, combine) with GroupedExperts swapped into the spec."""
+    if device == "cpu":
+        request.getfixturevalue("cpu_shims")
     config = make_config(moe_token_dispatcher_type="alltoall", moe_router_dtype="fp32")
     spec_kwargs = dict(num_experts=NUM_EXPERTS, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
     torch.manual_seed(0)
@@ -245,8 +248,9 @@ def test_moe_layer_with_grouped_experts_matches_local_spec(pg_collection, cpu_sh
     layer.load_state_dict(reference.state_dict())
     assert isinstance(layer.experts, GroupedExperts)
     layer.experts.run_grouped_on_cpu = True
+    reference, layer = reference.to(device), layer.to(device)
 
-    hidden = torch.randn(6, 2, HIDDEN, generator=torch.Generator().manual_seed(3))  # [seq, batch, hidden]
+    hidden = torch.randn(6, 2, HIDDEN, generator=torch.Generator().manual_seed(3)).to(device)  # [seq, batch, hidden]
     results = []
     for module in (reference, layer):
         x = hidden.clone().requires_grad_()
@@ -254,6 +258,7 @@ def test_moe_layer_with_grouped_experts_matches_local_spec(pg_collection, cpu_sh
         output.square().sum().backward()
         results.append((output.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}))
     (out_ref, dx_ref, dw_ref), (out, dx, dw) = results
+    # fp32 on both devices (on CUDA grouped_mm's fp32 path; TF32 is off by default for matmuls)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
     assert dw.keys() == dw_ref.keys()
