@@ -11,6 +11,7 @@ call and returns a tuple as long as the installed PolicyLoss returns (5 in 0.11.
 """
 
 import inspect
+import math
 from collections.abc import Mapping
 
 import torch
@@ -147,7 +148,7 @@ def _rollout_mismatch(old_log_probs, rollout_log_probs, action_mask, cap: float)
     vllm_kl = diff.sum() / lengths.sum().clamp(min=1)
     seq_log_weight = -diff.sum(dim=-1) / lengths.clamp(min=1)  # mean(logp_old - logp_rollout) per sequence
     valid = lengths > 0
-    capped = valid & (seq_log_weight > torch.log(torch.tensor(cap)))
+    capped = valid & (seq_log_weight > math.log(cap))
     return vllm_kl, capped.sum() / valid.sum().clamp(min=1)
 
 
