@@ -205,6 +205,19 @@ def test_fused_swiglu_config_matches(pg_collection, cpu_shims):
     assert_same_results(forward_backward(sequential, *batch), forward_backward(grouped, *batch), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(activation_func_clamp_value=0.5), dict(gated_linear_unit=False, activation_func=F.gelu)],
+    ids=["clamped-swiglu", "gelu"],
+)
+def test_other_activations_match(pg_collection, cpu_shims, overrides):
+    # the unfused branch of megatron's expert MLP, mirrored by GroupedExperts for everything but plain SwiGLU
+    sequential, grouped = build_pair(make_config(**overrides), pg_collection)
+    grouped.run_grouped_on_cpu = True
+    batch = make_batch(UNEVEN)
+    assert_same_results(forward_backward(sequential, *batch), forward_backward(grouped, *batch), atol=1e-5, rtol=1e-5)
+
+
 def test_scattered_weights_fall_back_to_a_stacked_copy(pg_collection, cpu_shims):
     sequential, grouped = build_pair(make_config(), pg_collection)
     grouped.run_grouped_on_cpu = True

@@ -9,7 +9,8 @@ SwiGLU, and one grouped GEMM for fc2, forward and backward. It is a drop-in for 
   (`local_experts.{i}.linear_fc1.weight` [2F, H], `local_experts.{i}.linear_fc2.weight` [H, F]),
   `sharded_state_dict`, checkpoints and the HF mapping are unchanged;
 - `forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs) -> (output, None)`, with the probs applied
-  after the activation exactly as megatron's expert `MLP` does;
+  after the activation as megatron's expert `MLP` does (SwiGLU always through megatron's weighted SwiGLU Function,
+  which MLP uses only with `bias_activation_fusion`);
 - on CPU, where grouped_mm is missing, or for a config the grouped path does not cover (fp8/fp4, biases, latent MoE,
   TE activation, delayed wgrad), it logs one line and runs `SequentialMLP.forward` unchanged.
 
@@ -187,7 +188,10 @@ class GroupedExperts(SequentialMLP):
     def _weighted_activation(self, fc1_out, probs):
         """The activation of megatron's expert MLP, scaled by each token's routing prob (MLP.forward's branches)."""
         config = self.config
-        if config.bias_activation_fusion:  # only SwiGLU passes _unsupported_config_reason
+        plain_swiglu = config.activation_func_clamp_value is None and config.glu_linear_offset == 0.0
+        if config.gated_linear_unit and config.activation_func is F.silu and plain_swiglu:
+            # megatron's weighted SwiGLU Function: the same function as MLP's unfused branch below, but it keeps only
+            # its input for the backward. MLP uses it only with bias_activation_fusion; it needs neither Apex nor TE.
             return weighted_bias_swiglu_impl(fc1_out, None, probs.unsqueeze(-1), config.activation_func_fp8_input_store)
         if config.gated_linear_unit:
             gate, linear = torch.chunk(fc1_out, 2, dim=-1)
