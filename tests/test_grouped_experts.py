@@ -151,6 +151,29 @@ def test_expert_weights_are_views_of_one_tensor_also_after_to(pg_collection, cpu
         assert view[2, 0, 0] == 7.0
 
 
+def test_distributed_optimizer_buffer_keeps_the_strided_view(pg_collection, cpu_shims):
+    """megatron DDP with the distributed optimizer moves every weight into its buffer, in reverse parameter order."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = make_config()
+    sequential, grouped = build_pair(config, pg_collection)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=grouped)
+    for name in ("linear_fc1", "linear_fc2"):
+        weights = [getattr(expert, name).weight for expert in grouped.local_experts]
+        assert ddp.buffers[0].param_data.data_ptr() <= weights[0].data_ptr() < weights[-1].data_ptr()  # moved
+        assert stacked_view(weights) is not None, name
+    grouped.run_grouped_on_cpu = True
+    hidden, tokens_per_expert, probs, grad_out = make_batch(UNEVEN)
+    ddp(hidden, tokens_per_expert, probs)[0].backward(grad_out)
+    expected = forward_backward(sequential, hidden, tokens_per_expert, probs, grad_out)[3]
+    for name, param in grouped.named_parameters():  # DDP's hooks moved each expert's grad slice into main_grad
+        torch.testing.assert_close(param.main_grad, expected[name], atol=1e-5, rtol=1e-5)
+    # only the iteration order of parameters changes, for that buffer; state_dict keeps megatron's order
+    assert list(grouped.state_dict()) == list(sequential.state_dict())
+    assert next(grouped.parameters()) is grouped.local_experts[NUM_EXPERTS - 1].linear_fc1.weight
+
+
 def test_state_dict_loads_both_ways(pg_collection, cpu_shims):
     config = make_config()
     sequential, grouped = build_pair(config, pg_collection)
