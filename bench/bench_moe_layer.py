@@ -280,8 +280,8 @@ def run(args) -> dict:
             del module
 
         # The experts alone, on tokens already sorted by expert, as the dispatcher hands them over: first with the
-        # weights laid out as GroupedExperts keeps them, then each in its own memory (as megatron DDP's distributed
-        # optimizer leaves them), which costs a torch.stack copy of all expert weights per GEMM.
+        # weights laid out as GroupedExperts keeps them, then each in its own memory (as code that re-homes parameters
+        # one by one leaves them), which costs a torch.stack copy of all expert weights per GEMM.
         experts = expert_module(shape, weights, device, dtype)
         permuted = torch.randn(int(counts.sum()), shape.hidden, device=device, dtype=dtype)
         probs = torch.rand(int(counts.sum()), device=device)
