@@ -282,3 +282,83 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+# ---- the policy actor on 2 gloo processes ------------------------------------------------------------------------
+
+
+def hf_action_log_probs(model, batch, num_actions: int = 6) -> torch.Tensor:
+    """Differentiable HF log-probs of the last `num_actions` tokens, (B, A)."""
+    mask = batch["attention_mask"]
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=batch["sequences"], attention_mask=mask, position_ids=position_ids).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["sequences"][:, 1:, None]).squeeze(-1)
+    return log_probs[:, -num_actions:]
+
+
+def hf_reference_update(model, batch, *, old_log_probs, lr: float, clip_grad: float, loss_name: str = "gmpo"):
+    """One policy step in one process on the whole batch: HF model, torch clip, AdamW(betas 0.9/0.95, eps 1e-8)."""
+    from openrlhf_gmpo.losses import compute_policy_loss
+
+    loss, _ = compute_policy_loss(
+        loss_name, hf_action_log_probs(model, batch), old_log_probs, batch["advantages"], batch["action_mask"],
+        clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=batch["sequences"].shape[0], dp_size=1,
+    )  # fmt: skip
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
+    return grad_norm.item(), {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def _experience(batch, rows, old_log_probs):
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    advantages = batch["advantages"][rows, None] * batch["action_mask"][rows]  # OpenRLHF's are per token
+    return Experience(
+        sequences=batch["sequences"][rows],
+        attention_mask=batch["attention_mask"][rows].long(),
+        action_mask=batch["action_mask"][rows],
+        action_log_probs=old_log_probs,
+        advantages=advantages,
+        info={"reward": batch["advantages"][rows].clone()},
+    )
+
+
+def actor_worker(rank: int, world_size: int, port: int, out_dir: str, args, pretrain: str) -> None:
+    """Drive MegatronPolicyActor as OpenRLHF's trainer does: forward (through execute_batch), append, fit,
+    save_model, save_checkpoint; then a second actor resumes from the checkpoint."""
+    import copy
+
+    from openrlhf.utils.utils import get_strategy
+
+    from openrlhf_gmpo.megatron.actor import MegatronPolicyActor
+
+    torch.set_num_threads(1)
+    install_cpu_shims()
+    batch = policy_batch()
+    rows = [2 * rank, 2 * rank + 1]  # OpenRLHF's chunk for this data-parallel rank
+    actor = MegatronPolicyActor(world_size, rank, "127.0.0.1", port)
+    actor.init_model_from_pretrained(get_strategy(args), pretrain)
+    chunk = {k: [batch[k][rows]] for k in ("sequences", "action_mask", "attention_mask")}
+    (old_log_probs,) = actor.execute_batch("forward", chunk, 0, 1)
+    actor.append(_experience(batch, rows, old_log_probs))
+    status = actor.fit(kl_ctl=0)
+    (new_log_probs,) = actor.execute_batch("forward", chunk, 0, 1)
+    actor.save_model()
+    actor.save_checkpoint("global_step1", client_states={"episode": 3})
+    actor.empty_cache()
+
+    resume_args = copy.deepcopy(args)
+    resume_args.ckpt.load_enable = True
+    resumed = MegatronPolicyActor(world_size, rank, "127.0.0.1", port)
+    resumed.init_model_from_pretrained(get_strategy(resume_args), pretrain)
+    (resumed_log_probs,) = resumed.execute_batch("forward", chunk, 0, 1)
+    results = dict(
+        old_log_probs=old_log_probs,
+        status=status,
+        new_log_probs=new_log_probs,
+        resumed_log_probs=resumed_log_probs,
+        checkpoint_states=resumed.get_checkpoint_states(),
+    )
+    torch.save(results, f"{out_dir}/actor_rank{rank}.pt")
+    torch.distributed.destroy_process_group()

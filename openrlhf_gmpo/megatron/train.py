@@ -95,6 +95,12 @@ class TorchAdamW:
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
     def step(self) -> tuple[bool, float, None]:
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
