@@ -21,9 +21,9 @@ to the Parameters without copying. The alternative, `torch.stack` every step, co
 forward and holds that copy until the backward: for 128 experts x 4.7M bf16 weights that is 1.2 GB written and kept
 per layer per micro-batch, which the view avoids. If something re-homes the weights so they are no longer evenly
 spaced (`model.to(...)` is handled by re-stacking in `_apply`, megatron DDP's distributed-optimizer buffer by listing
-the experts backwards in `named_modules`; a bucket boundary inside the experts still splits them), the forward still
-works: it detects that, logs it once and falls back to `torch.stack`
-(`bench/bench_moe_layer.py` measures that case as "scattered weights").
+the experts backwards in `named_modules`; padding at a bucket boundary inside the experts can break it), the forward
+still works: it detects that, logs it once and falls back to `torch.stack` (`bench/bench_moe_layer.py` measures that
+case as "scattered weights").
 
 The one entry point, for building a local layer spec on CUDA without TE (expert tensor parallel size must be 1):
 
