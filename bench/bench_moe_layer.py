@@ -67,14 +67,16 @@ def time_ms(step, device: str, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) * 1000.0 / iters
 
 
-def fwd_bwd_step(module, make_input, grad_out):
-    """One forward+backward; grads set to None first so every step allocates them the same way."""
+def fwd_bwd_step(module, inputs: torch.Tensor, grad_out: torch.Tensor):
+    """One forward+backward, input gradient included (a layer inside a model must produce it); grads are set to None
+    first so every step allocates them the same way."""
+    inputs = inputs.detach().requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step():
-        for param in params:
-            param.grad = None
-        output = module(make_input())
+        for tensor in (*params, inputs):
+            tensor.grad = None
+        output = module(inputs)
         output = output[0] if isinstance(output, tuple) else output
         output.backward(grad_out.view_as(output))
 
@@ -264,7 +266,7 @@ def run(args) -> dict:
             reference = out if reference is None else reference
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ms = time_ms(fwd_bwd_step(module, lambda s=shaped: s, grad), device, warmup, iters)
+            ms = time_ms(fwd_bwd_step(module, shaped, grad), device, warmup, iters)
             rows.append(
                 dict(
                     case=name,
@@ -293,7 +295,7 @@ def run(args) -> dict:
                     param.data = param.data.clone()
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ms = time_ms(fwd_bwd_step(bound, lambda p=permuted: p, grad_permuted), device, warmup, iters)
+            ms = time_ms(fwd_bwd_step(bound, permuted, grad_permuted), device, warmup, iters)
             rows.append(
                 dict(
                     case=case,
