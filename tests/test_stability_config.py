@@ -57,3 +57,21 @@ def test_missing_key_is_named():
 def test_unknown_preset_name_lists_shipped_ones():
     with pytest.raises(ValueError, match="neither a shipped preset .*200m.*tiny"):
         load_preset("tinyy")
+
+
+def test_megatron_engine_is_refused_clearly_until_it_exists():
+    import openrlhf_gmpo.megatron as megatron
+    from openrlhf_gmpo.stability.engine import make_engine
+
+    if hasattr(megatron, "StabilityEngine"):
+        pytest.skip("openrlhf_gmpo.megatron now provides StabilityEngine")
+    with pytest.raises(SystemExit, match="--engine megatron is not available in this build"):
+        make_engine("megatron", model_size="tiny", vocab_size=40, seed=0, device="cpu", eos_id=2, pad_id=0)
+
+
+def test_unknown_algo_on_the_command_line_names_it(tmp_path):
+    from openrlhf_gmpo.stability.runner import RunOptions, run_stability
+
+    opts = RunOptions(algos=("gspo",), steps=1, out_dir=tmp_path, cache_dir=tmp_path)
+    with pytest.raises(SystemExit, match="--algos: 'gspo' is not in preset 'tiny' \\(it has gmpo, grpo\\)"):
+        run_stability(load_preset("tiny"), opts)

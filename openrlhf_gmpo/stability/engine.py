@@ -58,6 +58,10 @@ class PolicyEngine(Protocol):
         """Start a fresh optimizer over the policy's parameters (new run phase: SFT, then each RL algorithm)."""
         ...
 
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate of the current optimizer (the warm start decays it linearly)."""
+        ...
+
     def freeze_reference(self) -> None:
         """Keep a frozen copy of the current policy weights as the KL reference."""
         ...

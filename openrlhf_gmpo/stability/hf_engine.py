@@ -104,6 +104,10 @@ class HFEngine:
         self.optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay, foreach=False)
         self.grad_clip = grad_clip
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
         if self.optimizer is None:
             raise RuntimeError("train_step needs reset_optimizer() first")

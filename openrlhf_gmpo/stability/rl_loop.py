@@ -112,7 +112,6 @@ def rl_step(
     old = engine.score(batch, with_stats=True)
     ref = engine.score(batch, reference=True)
     mask = batch.action_mask
-    scored = time.perf_counter()
     record = {
         "algo": algo_name,
         "step": step,
@@ -123,6 +122,7 @@ def rl_step(
         "kl_ref": masked_mean(k3_kl(old.log_probs, ref.log_probs), mask).item(),
         **old.router,
     }
+    scored = time.perf_counter()  # after the .item() calls above, so GPU work is finished
     advantages = group_advantages(rewards, group, rl.adv_eps).to(mask.device)
     updates = _updates(engine, batch, old.log_probs, advantages, algo, cfg, algo_name, step)
     record.update(updates)

@@ -54,7 +54,7 @@ def run_stability(
         raise SystemExit(f"--algos: {unknown[0]!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
     started = time.perf_counter()
     device = resolve_device(opts.device)
-    state.set_determinism(cfg.threads)
+    state.set_determinism(cfg.threads, device)
     out_dir = opts.out_dir
     if opts.fresh and out_dir.exists():
         for name in (

@@ -45,6 +45,8 @@ def warm_start(
     device = getattr(engine, "device", "cpu")
     started = time.perf_counter()
     for step in range(1, sft.steps + 1):
+        # linear decay to zero: a tiny model trained from scratch ends markedly more accurate than at a constant lr
+        engine.set_lr(sft.lr * (1 - (step - 1) / sft.steps))
         batch = sft_batch(tokenizer, rng.sample(train_tasks, min(sft.batch_size, len(train_tasks))), device)
 
         def nll(log_probs, mask=batch.action_mask):
