@@ -83,9 +83,10 @@ class MegatronPolicyActor(BaseModelActor):
             self.sizes,
             moe=MoEOptions(router_dtype=m.router_dtype, aux_loss_coef=m.aux_loss_coef, routing_replay=m.routing_replay),
             params_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+            recompute=m.recompute,
         )
         load_hf_weights(model, SafetensorsCheckpoint(pretrain), self.hf_config)
-        self.model = wrap_ddp(model)
+        self.model = wrap_ddp(model, fp32_grads=not m.bf16_grads)
         adam = args.actor.adam
         self.optimizer = build_optimizer(
             self.model,

@@ -29,6 +29,18 @@ def add_megatron_arguments(parser) -> None:
         help="precision of router logits, softmax and top-k",
     )
     group.add_argument(
+        "--megatron.recompute",
+        action="store_true",
+        default=False,
+        help="recompute each layer in the backward, keeping only layer inputs (GPU only)",
+    )
+    group.add_argument(
+        "--megatron.bf16_grads",
+        action="store_true",
+        default=False,
+        help="accumulate and reduce gradients in bf16 instead of fp32 (halves the gradient buffer)",
+    )
+    group.add_argument(
         "--megatron.aux_loss_coef",
         type=float,
         default=0.0,

@@ -38,7 +38,12 @@ def _rope_theta(hf_config) -> float:
 
 
 def transformer_config_kwargs(
-    hf_config, sizes: ParallelSizes, *, moe: MoEOptions = MoEOptions(), params_dtype: torch.dtype = torch.float32
+    hf_config,
+    sizes: ParallelSizes,
+    *,
+    moe: MoEOptions = MoEOptions(),
+    params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
 ) -> dict:
     """TransformerConfig arguments for a HF Qwen3(-MoE) config; raises ValueError for what we cannot reproduce."""
     sizes_for_hf_config(hf_config, sizes)
@@ -81,6 +86,9 @@ def transformer_config_kwargs(
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # every weight is overwritten from the HF checkpoint
     )
+    if recompute:
+        # Keep only each layer's input and recompute the layer in the backward (see docs/megatron.md's memory plan).
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if is_moe_config(hf_config):
         if getattr(hf_config, "mlp_only_layers", []) or getattr(hf_config, "decoder_sparse_step", 1) != 1:
             raise ValueError(
@@ -146,6 +154,7 @@ def build_gpt_model(
     *,
     moe: MoEOptions = MoEOptions(),
     params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
     use_te: bool | None = None,
 ):
     """This rank's GPTModel (its pipeline stage, TP shard and local experts). Parallel state must be initialised."""
@@ -153,7 +162,8 @@ def build_gpt_model(
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(hf_config, sizes, moe=moe, params_dtype=params_dtype))
+    kwargs = transformer_config_kwargs(hf_config, sizes, moe=moe, params_dtype=params_dtype, recompute=recompute)
+    config = TransformerConfig(**kwargs)
     if moe.routing_replay:
         if config.sequence_parallel:
             raise ValueError(f"routing replay needs tp == 1 or ep == 1 (no sequence parallelism), got {sizes}")

@@ -67,12 +67,14 @@ def recording(attention_mask: torch.Tensor, into: list):
 
 @contextmanager
 def replaying(per_sequence: list[torch.Tensor], attention_mask: torch.Tensor):
-    """Within the block, one forward (and its backward) over this batch routes like the recorded sequences."""
+    """Within the block, one forward over this batch routes like the recorded sequences. Run its backward inside the
+    block too, after calling the yielded `backward_phase()`: with activation recomputation the backward re-runs the
+    routers, which must replay the same experts (megatron's REPLAY_BACKWARD)."""
     router_replay, action = _replay()
     router_replay.set_replay_data(join_per_sequence(per_sequence, attention_mask))
     router_replay.set_global_router_replay_action(action.REPLAY_FORWARD)
     try:
-        yield
+        yield lambda: router_replay.set_global_router_replay_action(action.REPLAY_BACKWARD)
     finally:
         router_replay.clear_global_router_replay_action()
         router_replay.clear_global_indices()

@@ -39,12 +39,13 @@ def action_log_probs(model, sequences, attention_mask, num_actions: int, tempera
     return token_log_probs(model, sequences, attention_mask, temperature=temperature)[:, -num_actions:]
 
 
-def wrap_ddp(model: torch.nn.Module):
-    """megatron-core DDP: fp32 gradient buffers; the distributed optimizer's sharded buffers on GPU."""
+def wrap_ddp(model: torch.nn.Module, fp32_grads: bool = True):
+    """megatron-core DDP; the distributed optimizer's sharded buffers on GPU. `fp32_grads=False` accumulates and
+    reduces gradients in the parameter dtype (bf16), which halves the gradient buffer (docs/megatron.md)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=torch.cuda.is_available()
+        grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=False, use_distributed_optimizer=torch.cuda.is_available()
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
@@ -162,23 +163,25 @@ def policy_update(
     loss_sum = 0.0
     for mb in micro_batches:
         replay = nullcontext() if mb.routing is None else routing_replay.replaying(mb.routing, mb.attention_mask)
-        with replay:
+        with replay as backward_phase:
             log_probs = action_log_probs(
                 ddp_model, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], temperature=temperature
             )
-        loss, metrics = compute_policy_loss(
-            loss_name,
-            log_probs,
-            mb.old_log_probs,
-            mb.advantages,
-            mb.action_mask,
-            clip_eps_low=clip_eps_low,
-            clip_eps_high=clip_eps_high,
-            rollout_log_probs=mb.rollout_log_probs,
-            global_batch_size=global_batch_size,
-            dp_size=dp_size,
-        )
-        loss.backward()
+            loss, metrics = compute_policy_loss(
+                loss_name,
+                log_probs,
+                mb.old_log_probs,
+                mb.advantages,
+                mb.action_mask,
+                clip_eps_low=clip_eps_low,
+                clip_eps_high=clip_eps_high,
+                rollout_log_probs=mb.rollout_log_probs,
+                global_batch_size=global_batch_size,
+                dp_size=dp_size,
+            )
+            if backward_phase is not None:
+                backward_phase()
+            loss.backward()
         loss_sum += loss.item()
         for key, value in metrics.items():
             totals[key] = _combine(key, totals.get(key), value.item(), len(micro_batches))

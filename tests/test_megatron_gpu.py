@@ -1,0 +1,117 @@
+"""The megatron backend on one CUDA GPU in bf16, on the CountDown 200M MoE config (top-1 of 8 experts, tied
+embeddings). Skipped without CUDA; run on the GPU box: `pytest tests/test_megatron_gpu.py -m gpu`.
+Written without a GPU to run them on: their first run is on the coordinator's H100."""
+
+import helpers_megatron as hm
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 64
+BATCH, LENGTH, RESPONSE = 8, 96, 48
+
+
+@pytest.fixture(scope="module")
+def single_gpu_megatron():
+    from openrlhf_gmpo.megatron.parallel import ParallelSizes, destroy_parallel_state, initialize_parallel_state
+
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{hm.free_port()}", rank=0, world_size=1)
+    sizes = ParallelSizes(1)
+    initialize_parallel_state(sizes)
+    yield sizes
+    destroy_parallel_state()
+    torch.distributed.destroy_process_group()
+
+
+def _countdown_200m():
+    from openrlhf_gmpo.countdown.model import build_model
+
+    return build_model("200m", VOCAB, seed=0)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)
+    attention_mask = torch.ones(BATCH, LENGTH, dtype=torch.bool)
+    attention_mask[::2, :7] = False  # every other row left-padded
+    return sequences.cuda(), attention_mask.cuda()
+
+
+def _megatron_200m(hf, sizes, **kwargs):
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.weights import load_hf_weights
+
+    model = build_gpt_model(hf.config, sizes, params_dtype=torch.bfloat16, **kwargs)
+    load_hf_weights(model, hf.state_dict(), hf.config)
+    return model
+
+
+def test_bf16_log_probs_match_hf_as_closely_as_hf_bf16_matches_fp32(single_gpu_megatron):
+    from openrlhf_gmpo.megatron.logprobs import token_log_probs
+
+    hf = _countdown_200m().cuda()
+    sequences, mask = _batch()
+    valid = hm.valid_prediction_mask(mask)
+    exact = hm.hf_token_log_probs(hf, sequences, mask)[valid]  # fp32 HF: the reference
+    hf_bf16 = hm.hf_token_log_probs(hf.to(torch.bfloat16), sequences, mask)[valid]
+    model = _megatron_200m(_countdown_200m(), single_gpu_megatron).eval()
+    with torch.no_grad():
+        ours = token_log_probs(model, sequences, mask)[valid]
+    hf_error = (hf_bf16.float() - exact).abs().mean().item()
+    our_error = (ours - exact).abs().mean().item()
+    # Both are bf16 roundings of the same function; ours may differ in summation order, not be much worse.
+    assert our_error <= 1.5 * hf_error + 1e-3, (our_error, hf_error)
+
+
+def test_grouped_experts_replace_sequential_mlp_on_cuda_without_te(single_gpu_megatron):
+    from openrlhf_gmpo.megatron.model import has_transformer_engine
+
+    if has_transformer_engine():
+        pytest.skip("Transformer Engine is installed: its grouped GEMM is used instead")
+    from openrlhf_gmpo.megatron.grouped_experts import GroupedExperts
+
+    model = _megatron_200m(_countdown_200m(), single_gpu_megatron)
+    assert isinstance(model.decoder.layers[0].mlp.experts, GroupedExperts)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gmpo_steps_raise_positive_and_lower_negative_advantage_sequences(single_gpu_megatron, recompute):
+    from openrlhf_gmpo.megatron.logprobs import token_log_probs
+    from openrlhf_gmpo.megatron.train import (
+        OptimizerOptions,
+        PolicyMicroBatch,
+        build_optimizer,
+        policy_update,
+        wrap_ddp,
+    )
+
+    model = _megatron_200m(_countdown_200m(), single_gpu_megatron, recompute=recompute)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimizerOptions(lr=1e-5, clip_grad=1.0))  # megatron's distributed Adam
+    sequences, mask = _batch()
+    action_mask = torch.ones(BATCH, RESPONSE, dtype=torch.bool, device="cuda")
+    advantages = torch.tensor([1.0, -1.0] * (BATCH // 2), device="cuda")
+
+    def response_log_probs():
+        with torch.no_grad():
+            return token_log_probs(ddp, sequences, mask)[:, -RESPONSE:].mean(-1)
+
+    before = response_log_probs()
+    old = None
+    for _ in range(3):
+        with torch.no_grad():
+            old = token_log_probs(ddp, sequences, mask)[:, -RESPONSE:]
+        micro_batches = [
+            PolicyMicroBatch(sequences[i : i + 2], mask[i : i + 2], action_mask[i : i + 2], old[i : i + 2],
+                             advantages[i : i + 2])
+            for i in range(0, BATCH, 2)
+        ]  # fmt: skip
+        metrics = policy_update(
+            ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4,
+            global_batch_size=BATCH, dp_size=1,
+        )  # fmt: skip
+        assert metrics["update_skipped"] == 0.0 and metrics["grad_norm"] > 0
+    change = response_log_probs() - before
+    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), change
