@@ -123,6 +123,10 @@ def tiny_hf_moe(seed: int = 0, **overrides):
     return model
 
 
+def tiny_hf_moe_top1_tied():
+    return tiny_hf_moe(num_experts_per_tok=1, norm_topk_prob=False, tie_word_embeddings=True)
+
+
 def tiny_hf_dense(seed: int = 0, **overrides):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -276,6 +280,8 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "eval_ep2": _eval_layout(moe, ParallelSizes(world_size, ep=2), batch),
         "eval_tp2": _eval_layout(moe, ParallelSizes(world_size, tp=2), batch),
         "eval_dense_tp2": _eval_layout(dense, ParallelSizes(world_size, tp=2), batch),
+        # The CountDown models' routing and head: top-1 of the full softmax, lm_head tied to the embedding.
+        "eval_top1_tied_ep2": _eval_layout(tiny_hf_moe_top1_tied(), ParallelSizes(world_size, ep=2), batch),
         "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
         "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),

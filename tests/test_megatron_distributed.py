@@ -1,7 +1,8 @@
 """The megatron backend on 2 gloo CPU processes against a tiny HF Qwen3-MoE (hidden 32, 2 layers, 4 experts, top-2).
 
 One spawn (`helpers_megatron.suite_worker`, ~40 s on 2 cores) runs every layout; each test reads its part:
-- HF -> megatron at EP=1 (DP=2), EP=2 and TP=2, and a dense Qwen3 at TP=2: per-token log-probs equal HF's;
+- HF -> megatron at EP=1 (DP=2), EP=2 and TP=2, a dense Qwen3 at TP=2 and a top-1 tied-embedding MoE (the
+  CountDown models' routing) at EP=2: per-token log-probs equal HF's;
 - megatron -> HF streaming export reproduces the HF state dict bit for bit, in the fused and per-expert layouts;
 - one GMPO update at EP=2 equals the update at EP=1 and a plain single-process HF + AdamW update;
 - routing replay re-routes a re-batched pass exactly as recorded.
@@ -11,8 +12,6 @@ import helpers_megatron as hm
 import pytest
 import torch
 
-from openrlhf_gmpo.losses import compute_policy_loss
-
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
@@ -21,14 +20,14 @@ def suite(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2"])
+@pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2", "eval_top1_tied_ep2"])
 def test_log_probs_match_hf(suite, layout):
     for rank in range(2):
         # fp32 on both sides; the remaining difference is summation order (measured ~5e-7).
         assert suite[rank][layout]["log_prob_error"] < 1e-4
 
 
-@pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2"])
+@pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2", "eval_top1_tied_ep2"])
 def test_export_round_trips_hf_state_dict(suite, layout):
     for rank in range(2):
         assert suite[rank][layout]["export_mismatches"] == []
@@ -53,27 +52,10 @@ def test_per_expert_export_matches_hf_expert_slices(suite, layout):
 
 def _hf_reference_update():
     """The same GMPO step in one process: HF model, whole batch, torch clip + AdamW with the same settings."""
-    model = hm.tiny_hf_moe()
     batch = hm.policy_batch()
-    mask = batch["attention_mask"]
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=batch["sequences"], attention_mask=mask, position_ids=position_ids).logits
-    log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["sequences"][:, 1:, None]).squeeze(-1)
-    loss, _ = compute_policy_loss(
-        hm.UPDATE["loss_name"],
-        log_probs[:, -6:],
-        batch["old_log_probs"],
-        batch["advantages"],
-        batch["action_mask"],
-        clip_eps_low=hm.UPDATE["clip_eps_low"],
-        clip_eps_high=hm.UPDATE["clip_eps_high"],
-        global_batch_size=4,
-        dp_size=1,
-    )
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), hm.UPDATE["clip_grad"])
-    torch.optim.AdamW(model.parameters(), lr=hm.UPDATE["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
-    return grad_norm.item(), {n: p.detach() for n, p in model.state_dict().items()}
+    lr, clip_grad = hm.UPDATE["lr"], hm.UPDATE["clip_grad"]
+    old = batch["old_log_probs"]
+    return hm.hf_reference_update(hm.tiny_hf_moe(), batch, old_log_probs=old, lr=lr, clip_grad=clip_grad)
 
 
 def test_gmpo_update_is_the_same_at_ep1_ep2_and_in_hf(suite):
