@@ -8,8 +8,6 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
-OPERATORS = ("+", "-", "*", "/")
-
 
 @dataclass(frozen=True)
 class CountdownTask:
@@ -41,7 +39,8 @@ def reachable(numbers) -> dict[int | Fraction, Tree]:
 
     Subset dynamic programming over bit masks: the values of a subset are all combinations of the values of its two
     complementary parts. "Simplest" keeps SFT traces easy to learn: all intermediate values integral first, then none
-    negative, then the smallest largest intermediate (so 44+19-35 beats 19-35+44 and (44*19)/19-style detours).
+    negative, then the smallest largest intermediate: for 28 from 44, 19, 35 that is (44-35)+19, passing through 9,
+    rather than (44+19)-35, passing through 63.
     """
     numbers = tuple(int(n) for n in numbers)
     count = len(numbers)
@@ -114,7 +113,7 @@ def solve_tree(numbers, target: int) -> Tree | None:
 
 
 def solve(numbers, target: int) -> str | None:
-    """An expression that reaches target using each number exactly once (e.g. "(44+19)-35"), or None."""
+    """An expression that reaches target using each number exactly once (e.g. "(44-35)+19"), or None."""
     tree = solve_tree(numbers, target)
     return None if tree is None else render(tree)
 
