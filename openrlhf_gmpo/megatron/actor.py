@@ -222,6 +222,9 @@ class MegatronPolicyActor(BaseModelActor):
         import ray
 
         rank0 = torch.distributed.get_rank() == 0
+        cache_resets = []
+        if rank0 and getattr(self.args.vllm, "enable_prefix_caching", False):
+            cache_resets = [engine.reset_prefix_cache.remote() for engine in self.vllm_engines]
         tied = self.hf_config.tie_word_embeddings
         total, sent = _hf_weight_count(self.hf_config), 0
         for name, tensor in iter_hf_weights(self.model.module, self.hf_config, "per_expert"):
@@ -235,6 +238,7 @@ class MegatronPolicyActor(BaseModelActor):
             ]
             self._model_update_group.broadcast(weight, src=0, stream=torch.cuda.current_stream())
             ray.get(refs)
+        ray.get(cache_resets)
         torch.distributed.barrier()
 
     def _init_vllm_sync_group(self) -> None:

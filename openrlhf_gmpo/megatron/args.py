@@ -106,6 +106,9 @@ def validate_megatron_args(args) -> None:
         "--actor.entropy_coef": args.actor.entropy_coef,
         "--algo.kl.use_loss": args.algo.kl.use_loss and args.algo.kl.init_coef > 0,
         "--actor.aux_loss_coef (use --megatron.aux_loss_coef)": args.actor.aux_loss_coef,
+        # Weights reach vLLM by an NCCL broadcast from rank 0 only (no CUDA IPC, no Ray collectives).
+        "--train.colocate_all": args.train.colocate_all,
+        "--vllm.sync_with_ray": getattr(args.vllm, "sync_with_ray", False),
     }
     for flag, value in unsupported.items():
         if value:

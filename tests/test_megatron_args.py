@@ -1,0 +1,42 @@
+"""`--megatron.*` flags through the real launcher (OpenRLHF's parser, dry run): what validate_megatron_args rejects."""
+
+import helpers_plugin
+import pytest
+
+from openrlhf_gmpo.megatron.model import has_transformer_engine
+
+BASE = (
+    "--backend", "megatron", "--actor.model_name_or_path", "/nonexistent/model", "--actor.num_gpus_per_node", "8",
+    "--actor.policy_loss_type", "gmpo", "--actor.eps_clip_low_high", "0.2", "0.2",
+    "--algo.advantage.estimator", "group_norm", "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8",
+    "--train.batch_size", "64", "--train.micro_batch_size", "2",
+)  # fmt: skip
+
+
+def test_qwen3_moe_layout_resolves_the_flags():
+    args = helpers_plugin.dry_run(*BASE, "--megatron.ep", "8", "--megatron.routing_replay").args
+    assert (args.megatron.tp, args.megatron.pp, args.megatron.ep, args.megatron.etp) == (1, 1, 8, 1)
+    assert args.megatron.routing_replay is True
+    assert (args.megatron.router_dtype, args.megatron.aux_loss_coef) == ("fp32", 0.0)  # RL defaults
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--megatron.ep", "3"), "8 GPUs are not divisible by tp*pp = 1 and etp*ep*pp = 3"),
+        (("--megatron.pp", "2"), "--megatron.pp 2: the megatron policy update runs one pipeline stage"),
+        pytest.param(
+            ("--megatron.tp", "2"),
+            "--megatron.tp 2: training with tensor parallelism needs Transformer Engine",
+            marks=pytest.mark.skipif(has_transformer_engine(), reason="Transformer Engine is installed here"),
+        ),
+        (("--ds.tensor_parallel_size", "2"), "must equal --megatron.tp 1"),
+        (("--train.batch_size", "36"), "--train.batch_size 36: must split into 8 data-parallel ranks"),
+        (("--ds.enable_sleep",), "--ds.enable_sleep True: not supported by the megatron backend"),
+        (("--megatron.aux_loss_coef", "-1"), "--megatron.aux_loss_coef -1.0 must be >= 0"),
+    ],
+)
+def test_unsupported_settings_exit_naming_the_flag(flags, message):
+    with pytest.raises(SystemExit) as error:
+        helpers_plugin.dry_run(*BASE, *flags)
+    assert message in str(error.value)
