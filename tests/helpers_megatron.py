@@ -330,41 +330,20 @@ def _experience(batch, rows, old_log_probs):
     )
 
 
-def actor_worker(rank: int, world_size: int, port: int, out_dir: str, args, pretrain: str) -> None:
-    """Drive MegatronPolicyActor as OpenRLHF's trainer does: forward (through execute_batch), append, fit,
-    save_model, save_checkpoint; then a second actor resumes from the checkpoint."""
-    import copy
+def experience_for_rank(rank: int, old_log_probs: torch.Tensor):
+    """OpenRLHF's chunk for data-parallel rank `rank` of `policy_batch()`, as one Experience (2 sequences)."""
+    return _experience(policy_batch(), [2 * rank, 2 * rank + 1], old_log_probs)
 
-    from openrlhf.utils.utils import get_strategy
 
-    from openrlhf_gmpo.megatron.actor import MegatronPolicyActor
+def forward_chunk(rank: int) -> dict:
+    """What RayActorGroup sends to `execute_batch("forward", ...)`: lists of per-micro-batch tensors."""
+    batch = policy_batch()
+    rows = [2 * rank, 2 * rank + 1]
+    return {k: [batch[k][rows]] for k in ("sequences", "action_mask", "attention_mask")}
 
+
+def prepare_ray_worker(actor) -> int:
+    """Run in a Ray actor process (via `__ray_call__`) before it touches megatron: CPU shims, one thread."""
     torch.set_num_threads(1)
     install_cpu_shims()
-    batch = policy_batch()
-    rows = [2 * rank, 2 * rank + 1]  # OpenRLHF's chunk for this data-parallel rank
-    actor = MegatronPolicyActor(world_size, rank, "127.0.0.1", port)
-    actor.init_model_from_pretrained(get_strategy(args), pretrain)
-    chunk = {k: [batch[k][rows]] for k in ("sequences", "action_mask", "attention_mask")}
-    (old_log_probs,) = actor.execute_batch("forward", chunk, 0, 1)
-    actor.append(_experience(batch, rows, old_log_probs))
-    status = actor.fit(kl_ctl=0)
-    (new_log_probs,) = actor.execute_batch("forward", chunk, 0, 1)
-    actor.save_model()
-    actor.save_checkpoint("global_step1", client_states={"episode": 3})
-    actor.empty_cache()
-
-    resume_args = copy.deepcopy(args)
-    resume_args.ckpt.load_enable = True
-    resumed = MegatronPolicyActor(world_size, rank, "127.0.0.1", port)
-    resumed.init_model_from_pretrained(get_strategy(resume_args), pretrain)
-    (resumed_log_probs,) = resumed.execute_batch("forward", chunk, 0, 1)
-    results = dict(
-        old_log_probs=old_log_probs,
-        status=status,
-        new_log_probs=new_log_probs,
-        resumed_log_probs=resumed_log_probs,
-        checkpoint_states=resumed.get_checkpoint_states(),
-    )
-    torch.save(results, f"{out_dir}/actor_rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    return os.getpid()

@@ -1,46 +1,83 @@
-"""MegatronPolicyActor driven as OpenRLHF's PPO trainer drives it, on 2 gloo CPU processes (EP=2, DP=2).
+"""MegatronPolicyActor on a local Ray cluster, driven as OpenRLHF's PPO trainer drives it (2 CPU actors, EP=2, DP=2).
 
-The arguments come from the real launcher in dry-run mode (`--backend megatron`, OpenRLHF's own parser), the model
-from a saved tiny HF Qwen3-MoE checkpoint. One spawn (~40 s) runs: forward through `execute_batch` -> `append` ->
-`fit` (one GMPO step with routing replay) -> `save_model` -> `save_checkpoint`, then a second actor resumes.
+The launcher's way of wrapping it (`ray.remote`), the arguments from the real launcher in dry-run mode
+(`--backend megatron`, OpenRLHF's own parser), a saved tiny HF Qwen3-MoE checkpoint; one run (~60 s) goes
+forward through `execute_batch` -> `append` -> `fit` (one GMPO step with routing replay) -> `save_model` ->
+`save_checkpoint`, then two fresh actors resume from the checkpoint. Expected values come from the same GMPO step
+taken by a plain HF model in this process.
 """
 
+import copy
 import os
 
 import helpers_megatron as hm
 import helpers_plugin
 import pytest
+import ray
 import torch
 from transformers import Qwen3MoeForCausalLM
 
 LR, MAX_NORM = 1e-3, 0.1
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _start_actors(actor_class, args, pretrain):
+    """Two actors as RayActorGroup creates them: rank 0 first, the others join at its address."""
+    from openrlhf.utils.utils import get_strategy
+
+    master = actor_class.remote(2, 0, None, None)
+    address, port = ray.get(master.get_master_addr_port.remote())
+    actors = [master, actor_class.remote(2, 1, address, port)]
+    ray.get([a.__ray_call__.remote(hm.prepare_ray_worker) for a in actors])
+    ray.get([a.init_model_from_pretrained.remote(get_strategy(args), pretrain) for a in actors], timeout=300)
+    return actors
+
+
+def _forward(actors):
+    refs = [a.execute_batch.remote("forward", hm.forward_chunk(rank), 0, 1) for rank, a in enumerate(actors)]
+    return [result[0] for result in ray.get(refs, timeout=120)]
 
 
 @pytest.fixture(scope="module")
 def actor_run(tmp_path_factory):
+    from openrlhf_gmpo.megatron.actor import MegatronPolicyActor
+
     tmp = tmp_path_factory.mktemp("megatron_actor")
     pretrain = str(tmp / "pretrain")
     hm.tiny_hf_moe().save_pretrained(pretrain)
-    plan = helpers_plugin.dry_run(
+    args = helpers_plugin.dry_run(
         "--backend", "megatron", "--actor.model_name_or_path", pretrain, "--actor.num_gpus_per_node", "2",
         "--megatron.ep", "2", "--megatron.routing_replay", "--actor.policy_loss_type", "gmpo",
         "--actor.eps_clip_low_high", "0.4", "0.4", "--algo.advantage.estimator", "group_norm",
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.max_norm", str(MAX_NORM),
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.output_dir", str(tmp / "hf_out"),
-    )  # fmt: skip
-    # The spawned workers import OpenRLHF's Ray actor stack, so they need the same vllm/flash-attn import stubs.
-    stub_site = os.path.join(os.path.dirname(__file__), "stub_site")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (stub_site, old) if p)
+    ).args  # fmt: skip
+    # Workers get the vllm/flash-attn import stubs (stub_site) and can import the package and the test helpers.
+    pythonpath = os.pathsep.join([os.path.join(TESTS, "stub_site"), os.path.dirname(TESTS), TESTS])
+    env = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
-        torch.multiprocessing.spawn(hm.actor_worker, args=(2, hm.free_port(), str(tmp), plan.args, pretrain), nprocs=2)
+        # What the launcher does for --backend megatron, without the GPU this machine lacks.
+        actor_class = ray.remote(num_gpus=0, num_cpus=1)(MegatronPolicyActor)
+        actors = _start_actors(actor_class, args, pretrain)
+        old = _forward(actors)
+        ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
+        status = ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+        new = _forward(actors)
+        ray.get([a.save_model.remote() for a in actors], timeout=120)
+        ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 3}) for a in actors])
+        ray.get([a.empty_cache.remote() for a in actors])
+        for actor in actors:
+            ray.kill(actor)
+
+        resume_args = copy.deepcopy(args)
+        resume_args.ckpt.load_enable = True
+        resumed = _start_actors(actor_class, resume_args, pretrain)
+        results = dict(old=old, status=status, new=new, resumed=_forward(resumed))
+        results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])
     finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
-    results = [torch.load(tmp / f"actor_rank{r}.pt", weights_only=False) for r in range(2)]
+        ray.shutdown()
     return results, tmp
 
 
@@ -56,23 +93,25 @@ def _reference():
     return old, grad_norm, state, new
 
 
+def _rank_rows(rank):
+    rows = [2 * rank, 2 * rank + 1]
+    return rows, hm.policy_batch()["action_mask"][rows]
+
+
 def test_forward_returns_hf_log_probs_of_the_rank_chunk(actor_run):
     results, _ = actor_run
     old, _, _, _ = _reference()
-    action_mask = hm.policy_batch()["action_mask"]
     for rank in range(2):
-        rows = [2 * rank, 2 * rank + 1]
-        got = results[rank]["old_log_probs"]
-        assert got.shape == (2, 6)
-        torch.testing.assert_close(got[action_mask[rows]], old[rows][action_mask[rows]], atol=1e-4, rtol=0)
+        rows, mask = _rank_rows(rank)
+        assert results["old"][rank].shape == (2, 6)
+        torch.testing.assert_close(results["old"][rank][mask], old[rows][mask], atol=1e-4, rtol=0)
 
 
 def test_fit_is_one_gmpo_step_over_the_global_batch(actor_run):
     results, _ = actor_run
     _, grad_norm, _, new = _reference()
-    action_mask = hm.policy_batch()["action_mask"]
     for rank in range(2):
-        status = results[rank]["status"]
+        status = results["status"][rank]
         # The DP-averaged status: same on both ranks; the norm is the global batch's, above max_norm (clipped).
         assert status["actor_grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
         assert grad_norm > MAX_NORM
@@ -81,10 +120,9 @@ def test_fit_is_one_gmpo_step_over_the_global_batch(actor_run):
         # info["reward"] is the advantages here: 1.0, -0.5, 0.7, -1.2, mean 0 over both ranks.
         assert status["reward"] == pytest.approx(0.0, abs=1e-6)
         # After the step, the actor's log-probs are the HF reference model's after the same step.
-        rows = [2 * rank, 2 * rank + 1]
-        got = results[rank]["new_log_probs"][action_mask[rows]]
-        torch.testing.assert_close(got, new[rows][action_mask[rows]], atol=1e-4, rtol=0)
-        assert (got - results[rank]["old_log_probs"][action_mask[rows]]).abs().max() > 1e-3  # the step did move
+        rows, mask = _rank_rows(rank)
+        torch.testing.assert_close(results["new"][rank][mask], new[rows][mask], atol=1e-4, rtol=0)
+        assert (results["new"][rank][mask] - results["old"][rank][mask]).abs().max() > 1e-3  # the step moved
 
 
 def test_save_model_writes_a_loadable_hf_checkpoint(actor_run):
@@ -98,9 +136,9 @@ def test_save_model_writes_a_loadable_hf_checkpoint(actor_run):
 
 def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
     results, _ = actor_run
+    assert results["checkpoint_states"] == [{"episode": 3}, {"episode": 3}]
     for rank in range(2):
-        assert results[rank]["checkpoint_states"] == {"episode": 3}
-        torch.testing.assert_close(results[rank]["resumed_log_probs"], results[rank]["new_log_probs"], atol=0, rtol=0)
+        torch.testing.assert_close(results["resumed"][rank], results["new"][rank], atol=0, rtol=0)
 
 
 @pytest.mark.skip(
