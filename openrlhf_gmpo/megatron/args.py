@@ -81,8 +81,11 @@ def validate_megatron_args(args) -> None:
             )
     if m.aux_loss_coef < 0:
         raise SystemExit(f"--megatron.aux_loss_coef {m.aux_loss_coef} must be >= 0")
-    if m.routing_replay and m.tp > 1 and m.ep > 1:
-        raise SystemExit("--megatron.routing_replay needs tp 1 or ep 1 (no sequence parallelism)")
+    if m.routing_replay and m.tp > 1:
+        raise SystemExit(
+            f"--megatron.routing_replay with --megatron.tp {m.tp}: replay needs tp 1 (TP training uses "
+            "sequence parallelism, which splits each sequence's routing over the TP ranks)"
+        )
     # OpenRLHF gives consecutive groups of ds.tensor_parallel_size * ring_attn_size actors the same data chunk; that
     # must be megatron's data-parallel replica, the tp consecutive ranks of one model copy.
     duplicates = args.ds.tensor_parallel_size * args.ds.ring_attn_size

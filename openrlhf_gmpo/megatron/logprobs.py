@@ -41,6 +41,14 @@ def token_log_probs(
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     attention_mask = attention_mask.bool()
+    seq_len = input_ids.shape[1]
+    config = model.config
+    if config.sequence_parallel and seq_len % config.tensor_model_parallel_size:
+        # Sequence parallelism splits the sequence over TP ranks: right-pad to a multiple with masked tokens, which
+        # come after every real token and so change nothing before them.
+        pad = -seq_len % config.tensor_model_parallel_size
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad))
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, pad))
     logits = model(
         input_ids=input_ids,
         position_ids=position_ids_from_mask(attention_mask),
@@ -48,5 +56,5 @@ def token_log_probs(
         padding_mask=~attention_mask,  # keeps padding out of MoE routing statistics (aux loss, load metrics)
     )  # [B, S, V / tp]
     # The division also makes a fresh fp32 tensor, which the cross-entropy may modify in place.
-    shifted = logits[:, :-1].float() / temperature
-    return -vocab_parallel_cross_entropy(shifted, input_ids[:, 1:].contiguous())
+    shifted = logits[:, : seq_len - 1].float() / temperature
+    return -vocab_parallel_cross_entropy(shifted, input_ids[:, 1:seq_len].contiguous())

@@ -78,8 +78,9 @@ def transformer_config_kwargs(
         pipeline_model_parallel_size=sizes.pp,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
-        # With TP and EP together megatron requires sequence parallelism for the MoE dispatcher.
-        sequence_parallel=sizes.tp > 1 and sizes.ep > 1,
+        # megatron's MoE layer refuses to train with TP but without sequence parallelism, and only Transformer
+        # Engine's norms support it; without TE, TP > 1 is evaluation-only (validate_megatron_args).
+        sequence_parallel=sizes.tp > 1 and has_transformer_engine(),
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
@@ -166,7 +167,7 @@ def build_gpt_model(
     config = TransformerConfig(**kwargs)
     if moe.routing_replay:
         if config.sequence_parallel:
-            raise ValueError(f"routing replay needs tp == 1 or ep == 1 (no sequence parallelism), got {sizes}")
+            raise ValueError(f"routing replay needs the whole sequence on each rank (no sequence parallelism): {sizes}")
         from megatron.core.transformer.moe.router_replay import RouterReplay
 
         # Routers register in one process-wide list; it must hold exactly this model's routers, in layer order.

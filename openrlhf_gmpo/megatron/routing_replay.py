@@ -8,7 +8,7 @@ the router's current scores at them, so the router still gets gradients); this m
 per sequence, over its valid tokens, so the update can re-batch sequences differently from the old-policy pass.
 
 Routers see tokens in megatron's [S, b] order, flattened to S*b rows; this needs the full sequence on every rank,
-i.e. no sequence parallelism (tp == 1 or ep == 1).
+i.e. no sequence parallelism (tp == 1).
 """
 
 from __future__ import annotations
