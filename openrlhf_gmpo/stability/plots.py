@@ -51,13 +51,15 @@ def plot_ratio_range(records_by_algo: dict[str, list[dict]], max_token_ratio: fl
     plt.close(fig)
 
 
-def plot_curves(records_by_algo: dict[str, list[dict]], path: Path) -> None:
-    """One panel per metric in CURVES, one line per algorithm."""
+def plot_curves(records_by_algo: dict[str, list[dict]], start_val_accuracy: float, path: Path) -> None:
+    """One panel per metric in CURVES, one line per algorithm; validation accuracy starts at the warm start (step 0)."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
         for algo, records in records_by_algo.items():
             points = [(r["step"], r[key]) for r in records if key in r]
+            if key == "val_accuracy":
+                points.insert(0, (0, start_val_accuracy))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o" if key == "val_accuracy" else None, ms=3, label=algo)
         ax.set_title(title)

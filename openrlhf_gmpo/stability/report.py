@@ -45,12 +45,11 @@ def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
 
 
-def write_outputs(
-    out_dir: Path, records_by_algo: dict[str, list[dict]], verdicts: dict, header: dict, max_ratio: float
-):
+def write_outputs(out_dir: Path, records_by_algo: dict[str, list[dict]], verdicts: dict, header: dict, cfg) -> None:
+    """verdict.json, the two plots and report.md; header holds the run facts listed at the top of the report."""
     write_json(verdicts, out_dir / "verdict.json")
-    plot_ratio_range(records_by_algo, max_ratio, out_dir / "ratio_range.png")
-    plot_curves(records_by_algo, out_dir / "training_curves.png")
+    plot_ratio_range(records_by_algo, cfg.verdict.max_token_ratio, out_dir / "ratio_range.png")
+    plot_curves(records_by_algo, header["warm-start val accuracy"], out_dir / "training_curves.png")
     (out_dir / "report.md").write_text(render_report(records_by_algo, verdicts, header))
 
 

@@ -128,6 +128,6 @@ def run_stability(
         "warm-start accuracy expected (preset)": cfg.sft.min_val_accuracy,
         "wall time of this command (s)": time.perf_counter() - started,
     }
-    write_outputs(out_dir, records_by_algo, verdicts, header, cfg.verdict.max_token_ratio)
+    write_outputs(out_dir, records_by_algo, verdicts, header, cfg)
     log(f"wrote {out_dir}/metrics.jsonl, report.md, verdict.json, ratio_range.png, training_curves.png")
     return verdicts
