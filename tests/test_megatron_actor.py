@@ -29,7 +29,8 @@ def _start_actors(actor_class, args, pretrain):
     address, port = ray.get(master.get_master_addr_port.remote())
     actors = [master, actor_class.remote(2, 1, address, port)]
     ray.get([a.__ray_call__.remote(hm.prepare_ray_worker) for a in actors])
-    ray.get([a.init_model_from_pretrained.remote(get_strategy(args), pretrain) for a in actors], timeout=300)
+    strategy = get_strategy(args)
+    ray.get([a.init_model_from_pretrained.remote(strategy, pretrain, max_steps=1) for a in actors], timeout=300)
     return actors
 
 
@@ -50,7 +51,8 @@ def actor_run(tmp_path_factory):
         "--megatron.ep", "2", "--megatron.routing_replay", "--actor.policy_loss_type", "gmpo",
         "--actor.eps_clip_low_high", "0.4", "0.4", "--algo.advantage.estimator", "group_norm",
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
-        "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.max_norm", str(MAX_NORM),
+        "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
+        "--actor.max_norm", str(MAX_NORM),
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.output_dir", str(tmp / "hf_out"),
     ).args  # fmt: skip
     # Workers get the vllm/flash-attn import stubs (stub_site) and can import the package and the test helpers.

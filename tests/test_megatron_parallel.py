@@ -1,5 +1,7 @@
 """Pure parts of the megatron backend: parallel-size validation, config translation, weight-layout transforms."""
 
+import math
+
 import pytest
 import torch
 from transformers import Qwen3MoeConfig
@@ -123,3 +125,21 @@ def test_transformer_engine_names_map_to_local_names():
         "decoder.layers.1.mlp.experts.local_experts.17.linear_fc2.weight"
     )
     assert local_spec_name("decoder.layers.1.mlp.router.weight") == "decoder.layers.1.mlp.router.weight"
+
+
+def test_lr_schedule_follows_openrlhf_cosine_with_min_lr_and_lr_mult():
+    from openrlhf_gmpo.megatron.train import LRSchedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [param], "lr_mult": 0.5}], lr=1.0)
+    # 10 steps, warmup ratio 0.2 -> 2 warmup steps (0, 0.5, then 1.0); then cosine from 1.0 down to min 0.1:
+    # step s >= 2: 0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 2) / 8)); s = 6 is halfway: 0.55.
+    schedule = LRSchedule(optimizer, "cosine_with_min_lr", 1.0, total_steps=10, warmup_ratio=0.2, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.lr)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * schedule.lr)  # megatron's per-group lr_mult
+        schedule.step()
+    assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert rates[6] == pytest.approx(0.55)
+    assert rates[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))

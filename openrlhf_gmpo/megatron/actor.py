@@ -29,6 +29,7 @@ from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, save_hf_
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
 from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
 from openrlhf_gmpo.megatron.train import (
+    LRSchedule,
     OptimizerOptions,
     PolicyMicroBatch,
     action_log_probs,
@@ -67,6 +68,8 @@ class MegatronPolicyActor(BaseModelActor):
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
         from transformers import AutoConfig, AutoTokenizer
 
+        if not max_steps:
+            raise ValueError(f"max_steps={max_steps!r}: the learning-rate schedule needs the run's optimizer steps")
         self.strategy = strategy
         self.args = args = strategy.args
         self.vllm_engines = vllm_engines
@@ -97,6 +100,14 @@ class MegatronPolicyActor(BaseModelActor):
                 eps=adam.eps,
                 clip_grad=args.actor.max_norm,
             ),
+        )
+        self.lr_schedule = LRSchedule(
+            self.optimizer,
+            args.actor.lr_scheduler,
+            adam.lr,
+            total_steps=max_steps,
+            warmup_ratio=args.actor.lr_warmup_ratio,
+            min_lr_ratio=args.actor.min_lr_ratio,
         )
         self.tokenizer = AutoTokenizer.from_pretrained(pretrain)
         self.experiences, self.recorded_routing = [], {}
@@ -205,10 +216,12 @@ class MegatronPolicyActor(BaseModelActor):
                     dp_size=self.sizes.dp,
                     temperature=args.rollout.temperature,
                 )
+                metrics["actor_lr"] = self.lr_schedule.lr
+                self.lr_schedule.step()
                 history.append(metrics)
         status = _mean_over_steps(history)
         status["actor_grad_norm"] = history[-1]["grad_norm"]  # OpenRLHF reports the last step's norm
-        status["actor_lr"] = args.actor.adam.lr
+        status["actor_lr"] = history[-1]["actor_lr"]  # the last step's rate, as OpenRLHF reports it
         for key in samples[0]["info"]:
             status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
         status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
@@ -293,6 +306,7 @@ class MegatronPolicyActor(BaseModelActor):
         if hasattr(self.optimizer, "save_parameter_state"):
             self.optimizer.save_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
         state["optimizer"] = self.optimizer.state_dict()
+        state["lr_schedule"] = self.lr_schedule.state_dict()
         torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
         if rank == 0:
             with open(os.path.join(self.args.ckpt.path, "_actor", "latest"), "w") as f:
@@ -310,6 +324,7 @@ class MegatronPolicyActor(BaseModelActor):
         state = torch.load(os.path.join(path, f"rank{torch.distributed.get_rank():05d}.pt"), weights_only=False)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
         if hasattr(self.optimizer, "load_parameter_state"):
             self.optimizer.load_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
         return state["client_states"]

@@ -96,6 +96,10 @@ class TorchAdamW:
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
 
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
@@ -113,6 +117,53 @@ class TorchAdamW:
                 p.grad.mul_(self.options.clip_grad / (norm + 1e-6))
         self.inner.step()
         return True, norm, None
+
+
+class LRSchedule:
+    """OpenRLHF's learning-rate schedule (transformers' `get_scheduler`, with the arguments OpenRLHF's DeepSpeed
+    strategy passes) for either optimizer: a one-parameter SGD carries the LambdaLR, and its rate is written into
+    the real optimizer's param groups (times megatron's per-group `lr_mult`) before every step."""
+
+    def __init__(
+        self, optimizer, name: str, base_lr: float, *, total_steps: int, warmup_ratio: float, min_lr_ratio: float
+    ):
+        from transformers.trainer import get_scheduler
+
+        if total_steps < 1:
+            raise ValueError(f"total_steps={total_steps} must be >= 1")
+        kwargs = {"min_lr_rate": min_lr_ratio} if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") else {}
+        carrier = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+        self._schedule = get_scheduler(
+            name,
+            carrier,
+            num_warmup_steps=math.ceil(total_steps * warmup_ratio),
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs=kwargs,
+        )
+        self._optimizer = optimizer
+        self._apply()
+
+    @property
+    def lr(self) -> float:
+        """The rate the next optimizer step uses."""
+        return self._schedule.get_last_lr()[0]
+
+    def step(self) -> None:
+        """Advance by one optimizer step."""
+        self._schedule.optimizer.step()  # a no-op (no gradient); keeps torch's step-order check quiet
+        self._schedule.step()
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return self._schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._schedule.load_state_dict(state)
+        self._apply()
+
+    def _apply(self) -> None:
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.lr * group.get("lr_mult", 1.0)
 
 
 def model_parallel_grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
