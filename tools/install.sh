@@ -20,9 +20,10 @@ if ! command -v "$PYTHON" >/dev/null; then
   exit 1
 fi
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --progress-bar off -c constraints.txt)
+pip=("$VENV/bin/python" -m pip install -q --progress-bar off -c constraints.txt)
 
-"${pip[@]}" -q --upgrade pip setuptools wheel packaging psutil ninja
+echo "install.sh: installing into $VENV (first time ~2-5 min: torch, OpenRLHF 0.11.2, megatron-core 0.19.2)"
+"${pip[@]}" --upgrade pip setuptools wheel packaging psutil ninja
 "${pip[@]}" torch
 # flash-attn only builds its CUDA extension where nvcc and a GPU exist; without them it installs as pure Python,
 # which is all OpenRLHF needs to import on CPU.
@@ -30,3 +31,4 @@ FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   "${pip[@]}" --no-build-isolation flash-attn
 DS_BUILD_OPS=0 "${pip[@]}" -e ".[test]"
 echo "$want" >"$stamp"
+echo "install.sh: done"
