@@ -199,6 +199,25 @@ def _eval_layout(hf, sizes, batch):
     }
 
 
+def _export_only(hf, sizes):
+    """Load and export without a forward (training and log-probs run one pipeline stage; the mapping does not)."""
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    initialize_parallel_state(sizes)
+    hf_state = hf.state_dict()
+    model = build_gpt_model(hf.config, sizes)
+    load_hf_weights(model, hf_state, hf.config)
+    exported = dict(iter_hf_weights(model, hf.config))
+    missing = torch.empty(0)
+    return {
+        "local_layers": len(model.decoder.layers),
+        "export_mismatches": sorted(n for n in hf_state if not torch.equal(exported.get(n, missing), hf_state[n])),
+        "export_extra": sorted(set(exported) - set(hf_state)),
+    }
+
+
 def _update(hf, sizes, batch, rank, routing_replay=False):
     """One policy update, each rank on its half of the batch in micro-batches of 1; returns the HF-named weights."""
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
@@ -282,6 +301,7 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "eval_dense_tp2": _eval_layout(dense, ParallelSizes(world_size, tp=2), batch),
         # The CountDown models' routing and head: top-1 of the full softmax, lm_head tied to the embedding.
         "eval_top1_tied_ep2": _eval_layout(tiny_hf_moe_top1_tied(), ParallelSizes(world_size, ep=2), batch),
+        "export_pp2": _export_only(moe, ParallelSizes(world_size, pp=2)),
         "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
         "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
