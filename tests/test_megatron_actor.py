@@ -53,7 +53,7 @@ def actor_run(tmp_path_factory):
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
         "--actor.max_norm", str(MAX_NORM),
-        "--ckpt.path", str(tmp / "ckpt"), "--ckpt.output_dir", str(tmp / "hf_out"),
+        "--ckpt.path", str(tmp / "ckpt"), "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"),
     ).args  # fmt: skip
     # Workers get the vllm/flash-attn import stubs (stub_site) and can import the package and the test helpers.
     pythonpath = os.pathsep.join([os.path.join(TESTS, "stub_site"), os.path.dirname(TESTS), TESTS])
@@ -68,7 +68,8 @@ def actor_run(tmp_path_factory):
         status = ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
         new = _forward(actors)
         ray.get([a.save_model.remote() for a in actors], timeout=120)
-        ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 3}) for a in actors])
+        ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 2}) for a in actors])
+        ray.get([a.save_checkpoint.remote("global_step2", client_states={"episode": 3}) for a in actors])
         ray.get([a.empty_cache.remote() for a in actors])
         for actor in actors:
             ray.kill(actor)
@@ -137,7 +138,9 @@ def test_save_model_writes_a_loadable_hf_checkpoint(actor_run):
 
 
 def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
-    results, _ = actor_run
+    results, tmp = actor_run
+    # --ckpt.max_num 1: the older tag is gone, the resumed actors read the newer one.
+    assert sorted(os.listdir(tmp / "ckpt" / "_actor")) == ["global_step2", "latest"]
     assert results["checkpoint_states"] == [{"episode": 3}, {"episode": 3}]
     for rank in range(2):
         torch.testing.assert_close(results["resumed"][rank], results["new"][rank], atol=0, rtol=0)

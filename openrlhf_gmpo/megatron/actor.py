@@ -308,9 +308,11 @@ class MegatronPolicyActor(BaseModelActor):
         state["optimizer"] = self.optimizer.state_dict()
         state["lr_schedule"] = self.lr_schedule.state_dict()
         torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
+        torch.distributed.barrier()  # every rank's file is written before the tag becomes "latest"
         if rank == 0:
             with open(os.path.join(self.args.ckpt.path, "_actor", "latest"), "w") as f:
                 f.write(tag)
+            _keep_newest(os.path.join(self.args.ckpt.path, "_actor"), self.args.ckpt.max_num)
         if self.args.ckpt.save_hf:
             self._save_hf(os.path.join(self.args.ckpt.path, f"{tag}_hf"))
         torch.distributed.barrier()
@@ -362,6 +364,15 @@ def _check_data_chunking(sizes: ParallelSizes) -> None:
             f"rank {rank}: megatron data-parallel rank {ps.get_data_parallel_rank()} != rank // tp = "
             f"{rank // sizes.tp}; OpenRLHF's data chunks would reach the wrong replica"
         )
+
+
+def _keep_newest(directory: str, max_num: int) -> None:
+    """Delete all but the `max_num` most recent checkpoint tags (OpenRLHF's --ckpt.max_num)."""
+    import shutil
+
+    tags = [e for e in os.scandir(directory) if e.is_dir()]
+    for entry in sorted(tags, key=lambda e: e.stat().st_mtime)[:-max_num]:
+        shutil.rmtree(entry.path)
 
 
 def _hf_weight_count(hf_config) -> int:
