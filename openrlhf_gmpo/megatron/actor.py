@@ -215,6 +215,7 @@ class MegatronPolicyActor(BaseModelActor):
                     global_batch_size=args.train.batch_size,
                     dp_size=self.sizes.dp,
                     temperature=args.rollout.temperature,
+                    rollout_is_cap=self._rollout_is_cap(),
                 )
                 metrics["actor_lr"] = self.lr_schedule.lr
                 self.lr_schedule.step()
@@ -227,6 +228,11 @@ class MegatronPolicyActor(BaseModelActor):
         status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
         self.experiences, self.recorded_routing = [], {}
         return status
+
+    def _rollout_is_cap(self) -> float | None:
+        """The rollout importance-weight cap, as our OpenRLHF loss adapter reads it; None when correction is off."""
+        advantage = self.args.algo.advantage
+        return advantage.is_correction_threshold[1] if advantage.is_correction_level != "off" else None
 
     # ---- weights out -----------------------------------------------------------------------------------------------
 

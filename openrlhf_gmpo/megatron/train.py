@@ -197,8 +197,13 @@ def policy_update(
     global_batch_size: int,
     dp_size: int,
     temperature: float = 1.0,
+    rollout_is_cap: float | None = None,
 ) -> dict[str, float]:
-    """Accumulate gradients over `micro_batches`, sync them, clip and step once. Returns this rank's metrics."""
+    """Accumulate gradients over `micro_batches`, sync them, clip and step once. Returns this rank's metrics.
+
+    With `rollout_is_cap`, micro-batches that carry `rollout_log_probs` get the loss's rollout importance correction
+    (OpenRLHF's `--algo.advantage.is_correction_level seq`, capped at its high threshold); without it they are ignored.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -226,9 +231,9 @@ def policy_update(
                 mb.action_mask,
                 clip_eps_low=clip_eps_low,
                 clip_eps_high=clip_eps_high,
-                rollout_log_probs=mb.rollout_log_probs,
                 global_batch_size=global_batch_size,
                 dp_size=dp_size,
+                **_rollout_correction(mb.rollout_log_probs, rollout_is_cap),
             )
             if backward_phase is not None:
                 backward_phase()
@@ -241,6 +246,12 @@ def policy_update(
     # Summed over micro-batches and averaged over DP ranks this is the loss of the whole batch.
     totals.update(policy_loss=loss_sum, grad_norm=float(grad_norm), update_skipped=float(not updated))
     return totals
+
+
+def _rollout_correction(rollout_log_probs, cap: float | None) -> dict:
+    if cap is None or rollout_log_probs is None:
+        return {}
+    return {"rollout_log_probs": rollout_log_probs, "rollout_is_cap": cap}
 
 
 def _combine(key: str, total: float | None, value: float, count: int) -> float:
