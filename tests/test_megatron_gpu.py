@@ -77,7 +77,7 @@ def test_grouped_experts_replace_sequential_mlp_on_cuda_without_te(single_gpu_me
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_gmpo_steps_raise_positive_and_lower_negative_advantage_sequences(single_gpu_megatron, recompute):
+def test_gmpo_steps_raise_the_advantage_weighted_log_probs(single_gpu_megatron, recompute):
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
     from openrlhf_gmpo.megatron.train import (
         OptimizerOptions,
@@ -113,5 +113,8 @@ def test_gmpo_steps_raise_positive_and_lower_negative_advantage_sequences(single
             global_batch_size=BATCH, dp_size=1,
         )  # fmt: skip
         assert metrics["update_skipped"] == 0.0 and metrics["grad_norm"] > 0
-    change = response_log_probs() - before
-    assert (change[advantages > 0] > 0).all() and (change[advantages < 0] < 0).all(), change
+    # The policy-gradient objective on this batch, sum_i A_i * mean_t log p: GMPO steps must raise it (sequences
+    # share all parameters, so single sequences may move against their advantage; the weighted sum may not).
+    objective_before = (advantages * before).sum().item()
+    objective_after = (advantages * response_log_probs()).sum().item()
+    assert objective_after > objective_before, (objective_before, objective_after)
