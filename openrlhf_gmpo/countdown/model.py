@@ -3,8 +3,9 @@
 Both sizes are the standard `Qwen3MoeForCausalLM` architecture, so OpenRLHF, vLLM and our megatron backend load them
 like any Qwen3-MoE checkpoint. Routing is top-1 with norm_topk_prob=False: renormalising a single probability would
 make the routing weight a constant 1.0 and cut the router off from the loss gradient (it is also megatron-core's
-pre-softmax top-1). The auxiliary load-balancing loss is off by default (output_router_logits=False), as in the
-RL setups of verl and slime; OpenRLHF turns it on with --actor.aux_loss_coef.
+pre-softmax top-1). Router logits are not returned by default (output_router_logits=False); OpenRLHF's Actor turns
+them on for any MoE model and adds the load-balancing loss only with --actor.aux_loss_coef > 0 (off in the RL setups
+of verl and slime).
 """
 
 SIZES = {
