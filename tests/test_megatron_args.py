@@ -32,7 +32,7 @@ def test_qwen3_moe_layout_resolves_the_flags():
         ),
         (("--ds.tensor_parallel_size", "2"), "must equal --megatron.tp 1"),
         (("--train.batch_size", "36"), "--train.batch_size 36: must split into 8 data-parallel ranks"),
-        (("--ds.enable_sleep",), "--ds.enable_sleep True: not supported by the megatron backend"),
+        (("--vllm.sync_with_ray",), "--vllm.sync_with_ray True: not supported by the megatron backend"),
         (("--megatron.aux_loss_coef", "-1"), "--megatron.aux_loss_coef -1.0 must be >= 0"),
     ],
 )

@@ -9,8 +9,8 @@ What OpenRLHF's PPO trainer calls, and what each does here:
   replay it also records each sequence's experts.
 - `append(experience)`, `fit(kl_ctl)`: buffer this rank's experiences, then run `train.max_epochs` passes of optimizer
   steps over them; returns the metrics dict the trainer logs.
-- `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`.
-Not provided: `offload_states`/`reload_states` (`--ds.enable_sleep` is rejected by `validate_megatron_args`).
+- `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`,
+  `offload_states()` / `reload_states()` (GPU only, for `--ds.enable_sleep`).
 
 Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecutive actors, which
 `validate_megatron_args` makes equal to megatron's TP size, so a chunk lands on exactly one data-parallel replica.
@@ -24,7 +24,7 @@ import os
 import torch
 from openrlhf.trainer.ray.launcher import BaseModelActor
 
-from openrlhf_gmpo.megatron import routing_replay
+from openrlhf_gmpo.megatron import routing_replay, vllm_sync
 from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, save_hf_checkpoint
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
 from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
@@ -113,8 +113,10 @@ class MegatronPolicyActor(BaseModelActor):
         self.experiences, self.recorded_routing = [], {}
         self.checkpoint_states = self._load_checkpoint() if args.ckpt.load_enable else {}
         self._model_update_group = None
-        if vllm_engines and torch.distributed.get_rank() == 0:
-            self._init_vllm_sync_group()
+        if vllm_engines and not vllm_sync.use_cuda_ipc(args) and torch.distributed.get_rank() == 0:
+            self._model_update_group = vllm_sync.init_broadcast_group(args, vllm_engines, self._get_free_port())
+        if args.ds.enable_sleep:
+            self.offload_states()  # as OpenRLHF's actor starts offloaded; the trainer reloads before use
         torch.distributed.barrier()
 
     # ---- experience ------------------------------------------------------------------------------------------------
@@ -237,48 +239,29 @@ class MegatronPolicyActor(BaseModelActor):
     # ---- weights out -----------------------------------------------------------------------------------------------
 
     def broadcast_to_vllm(self) -> None:
-        """Rank 0 announces each HF-named bf16 tensor to every engine, then broadcasts it over the sync group."""
-        import ray
-
-        rank0 = torch.distributed.get_rank() == 0
-        cache_resets = []
-        if rank0 and getattr(self.args.vllm, "enable_prefix_caching", False):
-            cache_resets = [engine.reset_prefix_cache.remote() for engine in self.vllm_engines]
-        tied = self.hf_config.tie_word_embeddings
-        total, sent = _hf_weight_count(self.hf_config), 0
-        for name, tensor in iter_hf_weights(self.model.module, self.hf_config, "per_expert"):
-            if not rank0 or (tied and name == "lm_head.weight"):
-                continue  # vLLM ties lm_head to the embedding itself
-            sent += 1
-            weight = tensor.to(torch.bfloat16).contiguous()  # vLLM asserts the dtype it was started with
-            refs = [
-                engine.update_weight.remote(name, dtype=weight.dtype, shape=weight.shape, empty_cache=sent == total)
-                for engine in self.vllm_engines
-            ]
-            self._model_update_group.broadcast(weight, src=0, stream=torch.cuda.current_stream())
-            ray.get(refs)
-        ray.get(cache_resets)
-        torch.distributed.barrier()
-
-    def _init_vllm_sync_group(self) -> None:
-        """Rank 0 + every vLLM worker in one NCCL group, as OpenRLHF's DeepSpeed actor builds it."""
-        import ray
-        from openrlhf.utils.distributed_util import stateless_init_process_group
-
-        vllm = self.args.vllm
-        address = ray._private.services.get_node_ip_address()
-        port = self._get_free_port()
-        world_size = vllm.num_engines * vllm.tensor_parallel_size + 1
-        refs = [
-            engine.init_process_group.remote(
-                address, port, i * vllm.tensor_parallel_size + 1, world_size, "openrlhf", backend="nccl", use_ray=False
-            )
-            for i, engine in enumerate(self.vllm_engines)
-        ]
-        self._model_update_group = stateless_init_process_group(
-            address, port, 0, world_size, torch.cuda.current_device()
+        """Every HF-named weight to the vLLM engines (see vllm_sync: NCCL broadcast, or CUDA IPC when colocated)."""
+        vllm_sync.sync_weights(
+            self.model.module,
+            self.hf_config,
+            self.vllm_engines,
+            broadcast_group=self._model_update_group,
+            cuda_ipc=vllm_sync.use_cuda_ipc(self.args),
+            reset_prefix_cache=getattr(self.args.vllm, "enable_prefix_caching", False),
         )
-        ray.get(refs)
+
+    def offload_states(self) -> None:
+        """Free this GPU for colocated vLLM engines (--ds.enable_sleep): megatron-core's RL offload moves the
+        optimizer states and bf16 weights to CPU and frees the gradient buffers."""
+        self.optimizer.offload_to_cpu()
+        for buffer in self.model.buffers + self.model.expert_parallel_buffers:
+            buffer.offload_to_cpu(move_params=True, move_grads=True)
+        torch.cuda.empty_cache()
+
+    def reload_states(self) -> None:
+        for buffer in self.model.buffers + self.model.expert_parallel_buffers:
+            buffer.reload_from_cpu(move_params=True, move_grads=True)
+        self.optimizer.restore_from_cpu()
+        torch.cuda.synchronize()
 
     def save_model(self) -> None:
         self._save_hf(self.args.ckpt.output_dir)
@@ -379,18 +362,6 @@ def _keep_newest(directory: str, max_num: int) -> None:
     tags = [e for e in os.scandir(directory) if e.is_dir()]
     for entry in sorted(tags, key=lambda e: e.stat().st_mtime)[:-max_num]:
         shutil.rmtree(entry.path)
-
-
-def _hf_weight_count(hf_config) -> int:
-    """How many tensors `broadcast_to_vllm` sends (per-expert layout, no tied lm_head): vLLM empties its cache
-    after the last one."""
-    per_layer = 8  # q, k, v, o, q_norm, k_norm, input and post-attention norms
-    if is_moe_config(hf_config):
-        per_layer += 1 + 3 * hf_config.num_experts  # router + gate/up/down per expert
-    else:
-        per_layer += 3
-    head = 0 if hf_config.tie_word_embeddings else 1
-    return 2 + head + hf_config.num_hidden_layers * per_layer  # embedding, final norm, lm_head
 
 
 def _mean_over_steps(history: list[dict]) -> dict:

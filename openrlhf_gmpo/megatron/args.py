@@ -101,7 +101,6 @@ def validate_megatron_args(args) -> None:
             f"--train.micro_batch_size {args.train.micro_batch_size} micro-batches"
         )
     unsupported = {
-        "--ds.enable_sleep": args.ds.enable_sleep,
         "--ds.packing_samples": args.ds.packing_samples,
         "--train.dynamic_batch_enable": args.train.dynamic_batch_enable,
         "--train.enable_ema": args.train.enable_ema,
@@ -109,8 +108,7 @@ def validate_megatron_args(args) -> None:
         "--actor.entropy_coef": args.actor.entropy_coef,
         "--algo.kl.use_loss": args.algo.kl.use_loss and args.algo.kl.init_coef > 0,
         "--actor.aux_loss_coef (use --megatron.aux_loss_coef)": args.actor.aux_loss_coef,
-        # Weights reach vLLM by an NCCL broadcast from rank 0 only (no CUDA IPC, no Ray collectives).
-        "--train.colocate_all": args.train.colocate_all,
+        # Weights reach vLLM by NCCL broadcast or CUDA IPC (vllm_sync), not through Ray collectives.
         "--vllm.sync_with_ray": getattr(args.vllm, "sync_with_ray", False),
     }
     for flag, value in unsupported.items():
