@@ -38,6 +38,7 @@ from openrlhf_gmpo.megatron.train import (
     wrap_ddp,
 )
 from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+from openrlhf_gmpo.openrlhf_plugin.loss_adapter import CLI_TO_REGISTRY
 
 
 def sequence_key(sequence: torch.Tensor, attention_mask: torch.Tensor) -> str:
@@ -211,7 +212,7 @@ class MegatronPolicyActor(BaseModelActor):
                     self.model,
                     self.optimizer,
                     micro_batches,
-                    loss_name=args.actor.policy_loss_type,
+                    loss_name=CLI_TO_REGISTRY[args.actor.policy_loss_type],
                     clip_eps_low=low,
                     clip_eps_high=high,
                     global_batch_size=args.train.batch_size,
