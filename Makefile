@@ -4,9 +4,10 @@
 install:
 	bash tools/install.sh
 
-# The main job: GMPO vs GRPO stability check on the tiny CountDown MoE, CPU only, nothing downloaded.
+# The main job: GMPO vs GRPO stability check on the tiny CountDown MoE (CPU, ~4-5 min, nothing downloaded).
+# Writes runs/stability-tiny/{report.md,verdict.json,metrics.jsonl,*.png}; a rerun resumes from its checkpoints.
 demo: install
-	.venv/bin/openrlhf-gmpo demo
+	.venv/bin/openrlhf-gmpo stability --preset tiny
 
 # The whole test suite, lint included (tests/test_lint.py runs ruff and shellcheck).
 test: install
