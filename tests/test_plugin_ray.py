@@ -25,9 +25,7 @@ def local_ray():
 def test_policy_actor_worker_uses_our_loss(local_ray):
     from openrlhf_gmpo.openrlhf_plugin.actor import GMPOPolicyModelActor
 
-    plan = helpers_plugin.dry_run(
-        "--preset", os.path.join(helpers_plugin.ROOT, "configs", "countdown-200m-moe_gmpo.yaml")
-    )
+    plan = helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "countdown_200m_gmpo.yaml"))
     inputs = helpers_plugin.loss_inputs(seed=3)
     # OpenRLHF's RayActorGroup creates it with (world_size, rank, master_addr, master_port); no GPU here.
     actor = GMPOPolicyModelActor.options(num_gpus=0, num_cpus=1).remote(1, 0, None, None)

@@ -51,7 +51,7 @@ def expected_resolution(name: str) -> dict:
             "train.batch_size": 512,
             "data.prompt_dataset": "agentica-org/DeepScaleR-Preview-Dataset",
         }
-    if name.startswith("countdown-200m-moe"):
+    if name.startswith("countdown_200m"):
         # Batch 256 prompts, mini-batch 128 prompts = 1,024 samples, CountDown reward file.
         return common | {
             "actor.eps_clip_low_high": [0.4, 0.4] if gmpo else [0.2, 0.2],

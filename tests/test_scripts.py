@@ -60,7 +60,7 @@ def test_dry_run_command_resolves_through_openrlhf_parser(script, tmp_path, monk
 
 
 def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
-    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "countdown-200m-moe_gmpo.sh")
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "countdown_200m_gmpo.sh")
     env = dict(stub_env, DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
     result = run_script(script, env)

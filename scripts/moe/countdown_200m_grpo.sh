@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GRPO baseline on the ~200M CountDown MoE: configs/countdown-200m-moe_grpo.yaml as a Ray job.
-#   RAY_ADDRESS=http://head-node:8265 bash scripts/moe/countdown-200m-moe_grpo.sh [extra OpenRLHF flags]
-#   DRY_RUN=1 bash scripts/moe/countdown-200m-moe_grpo.sh    # print the resolved command, validated by OpenRLHF's parser; no Ray
+# GRPO baseline on the ~200M CountDown MoE: configs/countdown_200m_grpo.yaml as a Ray job.
+#   RAY_ADDRESS=http://head-node:8265 bash scripts/moe/countdown_200m_grpo.sh [extra OpenRLHF flags]
+#   DRY_RUN=1 bash scripts/moe/countdown_200m_grpo.sh    # print the resolved command, validated by OpenRLHF's parser; no Ray
 # NODES / GPUS_PER_NODE / VLLM_TP size the cluster (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated);
 # MODEL / DATASET override the preset's model and prompt data.
 set -euo pipefail
@@ -25,4 +25,4 @@ INPUTS=(
   --data.prompt_dataset "$DATASET"
 )
 
-submit_preset configs/countdown-200m-moe_grpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
+submit_preset configs/countdown_200m_grpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
