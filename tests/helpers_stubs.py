@@ -56,3 +56,11 @@ def install_import_stubs() -> list[str]:
             sys.modules[module_name] = _stub_module(module_name)
         stubbed.append(name)
     return stubbed
+
+
+def is_really_installed(name: str) -> bool:
+    """Whether the real module `name` is importable (an import stub registered here does not count)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return vars(module).get("IS_IMPORT_STUB") is not True
+    return importlib.util.find_spec(name) is not None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import helpers_plugin
+import helpers_stubs
 import pytest
 
 SCRIPT_IDS = [os.path.relpath(path, helpers_plugin.ROOT) for path in helpers_plugin.PRESET_SCRIPTS]
@@ -69,6 +70,22 @@ def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
     assert command.startswith("python3 -m openrlhf_gmpo.train_ppo_ray --backend deepspeed ")
     assert f"--actor.model_name_or_path {helpers_plugin.ROOT}/ckpt/countdown-200m-sft" in command
     assert "loss=gmpo clip=0.4/0.4" in summary and "Ray not contacted" in summary
+
+
+@pytest.mark.skipif(helpers_stubs.is_really_installed("vllm"), reason="vLLM is installed: nothing to refuse")
+def test_dry_run_without_vllm_says_what_is_missing():
+    # Without the test stubs, OpenRLHF's train_ppo_ray cannot even be imported here: the user gets one clear line.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "openrlhf_gmpo.train_ppo_ray", "--actor.policy_loss_type", "gmpo", "--dry-run"],
+        cwd=helpers_plugin.ROOT,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "train_ppo_ray needs 'vllm' (pip install 'openrlhf-gmpo[vllm]')" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_submit_needs_ray_address():
