@@ -72,19 +72,27 @@ def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
     assert "loss=gmpo clip=0.4/0.4" in summary and "Ray not contacted" in summary
 
 
-@pytest.mark.skipif(helpers_stubs.is_really_installed("vllm"), reason="vLLM is installed: nothing to refuse")
-def test_dry_run_without_vllm_says_what_is_missing():
-    # Without the test stubs, OpenRLHF's train_ppo_ray cannot even be imported here: the user gets one clear line.
+@pytest.mark.parametrize(
+    "entry_point, missing",
+    [
+        (["openrlhf_gmpo.train_ppo_ray", "--actor.policy_loss_type", "gmpo", "--dry-run"], "vllm"),
+        (["openrlhf_gmpo.countdown.check_sft_args", "--pretrain", "x"], "flash_attn_2_cuda"),
+    ],
+)
+def test_dry_run_without_gpu_modules_says_what_is_missing(entry_point, missing):
+    # Without the test stubs OpenRLHF's entry points cannot even be imported here: the user gets one clear line.
+    if helpers_stubs.is_really_installed(missing):
+        pytest.skip(f"{missing} is installed: nothing to refuse")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-m", "openrlhf_gmpo.train_ppo_ray", "--actor.policy_loss_type", "gmpo", "--dry-run"],
+        [sys.executable, "-m", *entry_point],
         cwd=helpers_plugin.ROOT,
         env=dict(env, OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
     )
     assert result.returncode != 0
-    assert "train_ppo_ray needs 'vllm' (pip install 'openrlhf-gmpo[vllm]')" in result.stderr
+    assert f"needs {missing!r} (" in result.stderr and "run on a machine of your GPU cluster" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -4,7 +4,8 @@ openrlhf.cli.train_sft builds its parser, hierarchizes the dotted flags and runs
 `if __name__ == "__main__":`, then calls train(args), whose first statement is `get_strategy(args)`. We run that
 module as __main__ with `openrlhf.utils.get_strategy` swapped for a function that stops the run and hands back the
 parsed namespace: every step before training is OpenRLHF's real code, and nothing is built or trained.
-(Importing the module needs `openrlhf.models`, hence flash-attn; CPU machines use tests/stub_site.)
+(Importing the module needs `openrlhf.models`, hence flash-attn's CUDA build: run it on a GPU node; the CPU tests
+use the import stubs in tests/stub_site.)
 """
 
 import runpy
@@ -26,11 +27,14 @@ def parse_train_sft_args(argv: list[str]) -> SimpleNamespace:
     """The hierarchized namespace OpenRLHF's train_sft would train with; argparse errors exit with status 2."""
     import openrlhf.utils
 
+    from openrlhf_gmpo.openrlhf_plugin.version import explain_missing_gpu_modules
+
     saved_argv, saved_get_strategy = sys.argv, openrlhf.utils.get_strategy
     sys.argv = ["openrlhf.cli.train_sft", *argv]
     openrlhf.utils.get_strategy = _stop
     try:
-        runpy.run_module("openrlhf.cli.train_sft", run_name="__main__")
+        with explain_missing_gpu_modules("OpenRLHF's train_sft"):
+            runpy.run_module("openrlhf.cli.train_sft", run_name="__main__")
     except _Parsed as parsed:
         return parsed.namespace
     finally:

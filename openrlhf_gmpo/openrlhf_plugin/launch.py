@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 
 from openrlhf_gmpo.openrlhf_plugin.loss_adapter import NATIVE_LOSS_TYPES, OUR_LOSS_TYPES
 from openrlhf_gmpo.openrlhf_plugin.presets import preset_to_tokens
+from openrlhf_gmpo.openrlhf_plugin.version import explain_missing_gpu_modules
 
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 BACKENDS = ("deepspeed", "megatron")
 LAUNCHER_MODULE = "openrlhf_gmpo.train_ppo_ray"
-# Modules OpenRLHF's train_ppo_ray imports at load time that exist only on GPU machines, and how users get them.
-GPU_ONLY_MODULES = {
-    "vllm": "pip install 'openrlhf-gmpo[vllm]'",
-    "flash_attn_2_cuda": "flash-attn built with CUDA: pip install --no-build-isolation flash-attn==2.8.3",
-}
 
 
 @dataclass
@@ -55,16 +51,8 @@ def run_openrlhf(plan: LaunchPlan) -> LaunchPlan:
     if plan.backend not in BACKENDS:
         raise SystemExit(f"openrlhf_gmpo: --backend must be one of {BACKENDS}, got {plan.backend!r}")
     with _intercept_parse_args(lambda parser, parse, module_globals: _on_parse(plan, parser, parse, module_globals)):
-        try:
+        with explain_missing_gpu_modules("OpenRLHF's train_ppo_ray"):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
-        except ModuleNotFoundError as error:
-            if error.name not in GPU_ONLY_MODULES:
-                raise
-            # OpenRLHF imports these at module level, before its parser exists: even a dry run needs them.
-            raise SystemExit(
-                f"openrlhf_gmpo: OpenRLHF's train_ppo_ray needs {error.name!r} ({GPU_ONLY_MODULES[error.name]}), "
-                "which is not installed here; run on a machine of your GPU cluster"
-            ) from error
     if plan.args is None:  # the hook never fired: the installed module no longer has the structure we hook
         raise RuntimeError(f"openrlhf_gmpo: {OPENRLHF_MODULE} finished without calling train(args); unsupported build")
     return plan

@@ -1,8 +1,15 @@
 """The one OpenRLHF release line this plugin is written against, checked loudly before anything is patched."""
 
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 SUPPORTED_SERIES = "0.11"
+
+# Modules OpenRLHF's entry points import at load time that exist only on GPU machines, and how users get them.
+GPU_ONLY_MODULES = {
+    "vllm": "pip install 'openrlhf-gmpo[vllm]'",
+    "flash_attn_2_cuda": "flash-attn built with CUDA: pip install --no-build-isolation flash-attn==2.8.3",
+}
 
 
 def check_openrlhf_version() -> str:
@@ -25,3 +32,20 @@ def check_openrlhf_version() -> str:
             f"openrlhf {SUPPORTED_SERIES}.x (pip install openrlhf==0.11.2)"
         )
     return installed
+
+
+@contextmanager
+def explain_missing_gpu_modules(entry_point: str):
+    """Turn OpenRLHF's load-time import of a GPU-only module into one line naming the module and its install.
+
+    OpenRLHF imports them before its parser exists, so even a dry run of `entry_point` needs them.
+    """
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if error.name not in GPU_ONLY_MODULES:
+            raise
+        raise SystemExit(
+            f"openrlhf_gmpo: {entry_point} needs {error.name!r} ({GPU_ONLY_MODULES[error.name]}), which is not "
+            "installed here; run on a machine of your GPU cluster"
+        ) from error
