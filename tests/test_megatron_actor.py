@@ -50,6 +50,7 @@ def actor_run(tmp_path_factory):
         "--backend", "megatron", "--actor.model_name_or_path", pretrain, "--actor.num_gpus_per_node", "2",
         "--megatron.ep", "2", "--megatron.routing_replay", "--actor.policy_loss_type", "gmpo",
         "--actor.eps_clip_low_high", "0.4", "0.4", "--algo.advantage.estimator", "group_norm",
+        "--algo.kl.init_coef", "0",
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
         "--actor.max_norm", str(MAX_NORM),

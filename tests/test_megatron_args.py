@@ -8,7 +8,8 @@ from openrlhf_gmpo.megatron.model import has_transformer_engine
 BASE = (
     "--backend", "megatron", "--actor.model_name_or_path", "/nonexistent/model", "--actor.num_gpus_per_node", "8",
     "--actor.policy_loss_type", "gmpo", "--actor.eps_clip_low_high", "0.2", "0.2",
-    "--algo.advantage.estimator", "group_norm", "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8",
+    "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0",
+    "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "8",
     "--train.batch_size", "64", "--train.micro_batch_size", "2",
 )  # fmt: skip
 

@@ -115,8 +115,9 @@ def test_policy_actor_class_per_loss_and_backend():
     from openrlhf_gmpo.openrlhf_plugin.actor import GMPOPolicyModelActor, _GMPOPolicyModelActor
 
     gmpo = helpers_plugin.dry_run(
-        "--actor.policy_loss_type", "gmpo", "--actor.model_name_or_path", "m", "--reward.remote_url", "r.py"
-    )
+        "--actor.policy_loss_type", "gmpo", "--actor.model_name_or_path", "m", "--reward.remote_url", "r.py",
+        "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0",
+    )  # fmt: skip
     ppo = helpers_plugin.dry_run("--actor.model_name_or_path", "m", "--reward.remote_url", "r.py")
     assert policy_actor_class(gmpo.args, "deepspeed") is GMPOPolicyModelActor
     assert policy_actor_class(ppo.args, "deepspeed") is PolicyModelActor  # OpenRLHF's own losses: untouched

@@ -106,6 +106,8 @@ def test_dry_run_prints_the_resolved_command(capsys):
 
 
 BASE = "actor.model_name_or_path: m\nreward.remote_url: r.py\n"
+# One advantage per sequence, as our losses need (OpenRLHF's defaults, gae and a KL reward penalty, vary it per token).
+SEQUENCE_ADVANTAGES = "algo.advantage.estimator: group_norm\nrollout.n_samples_per_prompt: 2\nalgo.kl.init_coef: 0\n"
 
 # (preset text, expected message): messages from our key checks and our validation (SystemExit with text).
 BAD_PRESETS = {
@@ -142,8 +144,21 @@ BAD_PRESETS = {
         "the megatron backend computes our losses only",
     ),
     "megatron backend validation runs": (
-        BASE + "backend: megatron\nactor.policy_loss_type: gmpo\nmegatron.ep: 0\n",
+        BASE + "backend: megatron\nactor.policy_loss_type: gmpo\nmegatron.ep: 0\n" + SEQUENCE_ADVANTAGES,
         "--megatron.ep 0 must be >= 1",
+    ),
+    "per-token advantages (OpenRLHF's default gae) with our loss": (
+        BASE + "actor.policy_loss_type: gmpo\nalgo.kl.init_coef: 0\n",
+        "--algo.advantage.estimator gae: gives per-token advantages",
+    ),
+    "discounted reinforce with our loss": (
+        BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.estimator: reinforce\nalgo.advantage.gamma: 0.99\n"
+        "algo.kl.init_coef: 0\n",
+        "--algo.advantage.gamma 0.99: with reinforce it discounts returns per token",
+    ),
+    "KL penalty in the reward with our loss": (
+        BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.estimator: group_norm\nrollout.n_samples_per_prompt: 2\n",
+        "--algo.kl.init_coef 0.01: a KL penalty folded into the reward varies per token",
     ),
     "loss aggregation with our loss": (
         BASE + "actor.policy_loss_type: grpo\nactor.loss_agg_mode: seq-mean-token-mean\n",

@@ -150,6 +150,7 @@ def validate_plugin_args(args, backend: str) -> None:
                 f"{adv.is_correction_gating}: our losses support the rollout correction only as level seq with ratio "
                 "gating (a per-sequence truncated importance weight capped at the HIGH threshold)"
             )
+        _check_one_advantage_per_sequence(args)
     if backend == "megatron":
         if args.actor.policy_loss_type not in OUR_LOSS_TYPES:
             raise SystemExit(
@@ -157,6 +158,31 @@ def validate_plugin_args(args, backend: str) -> None:
                 f"only ({', '.join(OUR_LOSS_TYPES)}); OpenRLHF's ppo/gspo run on --backend deepspeed"
             )
         _megatron_args_module().validate_megatron_args(args)
+
+
+def _check_one_advantage_per_sequence(args) -> None:
+    """Our losses weight a whole sequence by one advantage; refuse the OpenRLHF settings that vary it per token.
+
+    Caught here rather than by the loss's own check, which would fire only after the cluster has started.
+    """
+    adv, kl = args.algo.advantage, args.algo.kl
+    loss = f"--actor.policy_loss_type {args.actor.policy_loss_type}"
+    if adv.estimator == "gae":
+        raise SystemExit(
+            f"--algo.advantage.estimator gae: gives per-token advantages, but {loss} needs one per sequence; use "
+            "group_norm (the paper's), rloo, reinforce_baseline or dr_grpo"
+        )
+    if adv.estimator == "reinforce" and adv.gamma != 1:
+        raise SystemExit(
+            f"--algo.advantage.gamma {adv.gamma}: with reinforce it discounts returns per token, but {loss} needs one "
+            "advantage per sequence; use gamma 1"
+        )
+    if kl.init_coef > 0 and not kl.use_loss:
+        raise SystemExit(
+            f"--algo.kl.init_coef {kl.init_coef}: a KL penalty folded into the reward varies per token, but {loss} "
+            "needs one advantage per sequence; set "
+            "--algo.kl.init_coef 0 (the paper uses no KL) or add --algo.kl.use_loss"
+        )
 
 
 def policy_actor_class(args, backend: str):
