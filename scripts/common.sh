@@ -11,8 +11,20 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", ".cache", "ckpt", "runs", "data", "*.egg-info"]}' "$REPO_ROOT")"
 
 # submit_preset PRESET [OPENRLHF_FLAG ...]
+# The calling script sets NODES, GPUS_PER_NODE, VLLM_TP (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated),
+# MODEL and DATASET; the flags after PRESET (the script's own, then the user's) override the preset and these.
 submit_preset() {
-  local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${@:2}")
+  local cluster=(
+    --actor.num_nodes "$NODES"
+    --actor.num_gpus_per_node "$GPUS_PER_NODE"
+    --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
+    --vllm.tensor_parallel_size "$VLLM_TP"
+  )
+  local inputs=(
+    --actor.model_name_or_path "$MODEL"
+    --data.prompt_dataset "$DATASET"
+  )
+  local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${cluster[@]}" "${inputs[@]}" "${@:2}")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     (cd "$REPO_ROOT" && "${PYTHON:-python3}" "${launcher[@]}" --dry-run)
     return

@@ -14,15 +14,4 @@ VLLM_TP="${VLLM_TP:-1}"
 MODEL="${MODEL:-deepseek-ai/DeepSeek-R1-Distill-Qwen-7B}"
 DATASET="${DATASET:-understand-r1-zero/datasets/train/math_lvl3to5_8k}"
 
-CLUSTER=(
-  --actor.num_nodes "$NODES"
-  --actor.num_gpus_per_node "$GPUS_PER_NODE"
-  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
-  --vllm.tensor_parallel_size "$VLLM_TP"
-)
-INPUTS=(
-  --actor.model_name_or_path "$MODEL"
-  --data.prompt_dataset "$DATASET"
-)
-
-submit_preset configs/deepseek-r1-distill-qwen-7b_grpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
+submit_preset configs/deepseek-r1-distill-qwen-7b_grpo.yaml "$@"

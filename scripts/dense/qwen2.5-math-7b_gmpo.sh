@@ -14,15 +14,4 @@ VLLM_TP="${VLLM_TP:-1}"
 MODEL="${MODEL:-Qwen/Qwen2.5-Math-7B}"
 DATASET="${DATASET:-understand-r1-zero/datasets/train/math_lvl3to5_8k}"
 
-CLUSTER=(
-  --actor.num_nodes "$NODES"
-  --actor.num_gpus_per_node "$GPUS_PER_NODE"
-  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
-  --vllm.tensor_parallel_size "$VLLM_TP"
-)
-INPUTS=(
-  --actor.model_name_or_path "$MODEL"
-  --data.prompt_dataset "$DATASET"
-)
-
-submit_preset configs/qwen2.5-math-7b_gmpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
+submit_preset configs/qwen2.5-math-7b_gmpo.yaml "$@"

@@ -14,15 +14,4 @@ VLLM_TP="${VLLM_TP:-1}"
 MODEL="${MODEL:-$REPO_ROOT/ckpt/countdown-200m-sft}"
 DATASET="${DATASET:-$REPO_ROOT/data/countdown/train.jsonl}"
 
-CLUSTER=(
-  --actor.num_nodes "$NODES"
-  --actor.num_gpus_per_node "$GPUS_PER_NODE"
-  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
-  --vllm.tensor_parallel_size "$VLLM_TP"
-)
-INPUTS=(
-  --actor.model_name_or_path "$MODEL"
-  --data.prompt_dataset "$DATASET"
-)
-
-submit_preset configs/countdown_200m_grpo.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
+submit_preset configs/countdown_200m_grpo.yaml "$@"

@@ -15,16 +15,4 @@ EP="${EP:-8}"
 MODEL="${MODEL:-Qwen/Qwen3-30B-A3B}"
 DATASET="${DATASET:-agentica-org/DeepScaleR-Preview-Dataset}"
 
-CLUSTER=(
-  --actor.num_nodes "$NODES"
-  --actor.num_gpus_per_node "$GPUS_PER_NODE"
-  --vllm.num_engines "$((NODES * GPUS_PER_NODE / VLLM_TP))"
-  --vllm.tensor_parallel_size "$VLLM_TP"
-  --megatron.ep "$EP"
-)
-INPUTS=(
-  --actor.model_name_or_path "$MODEL"
-  --data.prompt_dataset "$DATASET"
-)
-
-submit_preset configs/qwen3-30b-a3b_gmpo_megatron_8gpu.yaml "${CLUSTER[@]}" "${INPUTS[@]}" "$@"
+submit_preset configs/qwen3-30b-a3b_gmpo_megatron_8gpu.yaml --megatron.ep "$EP" "$@"
