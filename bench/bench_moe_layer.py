@@ -228,6 +228,14 @@ def megatron_moe_layer(shape: Shape, weights, grouped: bool, device: str, dtype:
     return layer
 
 
+def timed_row(case: str, step, shape, device: str, warmup: int, iters: int, **fields) -> dict:
+    """One fwd+bwd case: its time, expert-GEMM TFLOP/s and peak memory (counted from a fresh start)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_ms(step, device, warmup, iters)
+    return dict(case=case, ms=ms, tflops=shape.expert_flop / ms / 1e9, **fields, peak_gib=peak_gib(device))
+
+
 def run(args) -> dict:
     shape = SMALL if args.small else FULL
     device, dtype = args.device, DTYPES[args.dtype]
@@ -246,6 +254,7 @@ def run(args) -> dict:
         counts, _ = routing_of(router, tokens, shape.top_k)
         load = (counts.max() / counts.float().mean()).item()
         empty = int((counts == 0).sum())
+        routed = dict(routing=routing, load_max_over_mean=load, empty_experts=empty)  # recorded with every case
         x = tokens.to(device, dtype)
         grad = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(7)).to(device, dtype)
 
@@ -264,21 +273,9 @@ def run(args) -> dict:
                 out = module(shaped)
                 out = (out[0] if isinstance(out, tuple) else out).reshape(shape.tokens, shape.hidden).float()
             reference = out if reference is None else reference
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ms = time_ms(fwd_bwd_step(module, shaped, grad), device, warmup, iters)
-            rows.append(
-                dict(
-                    case=name,
-                    routing=routing,
-                    ms=ms,
-                    tflops=shape.expert_flop / ms / 1e9,
-                    load_max_over_mean=load,
-                    empty_experts=empty,
-                    max_abs_diff_vs_hf_eager=(out - reference).abs().max().item(),
-                    peak_gib=peak_gib(device),
-                )
-            )
+            diff = (out - reference).abs().max().item()
+            step = fwd_bwd_step(module, shaped, grad)
+            rows.append(timed_row(name, step, shape, device, warmup, iters, **routed, max_abs_diff_vs_hf_eager=diff))
             del module
 
         # The experts alone, on tokens already sorted by expert, as the dispatcher hands them over: first with the
@@ -293,20 +290,8 @@ def run(args) -> dict:
             if case.endswith("scattered weights"):
                 for param in experts.parameters():
                     param.data = param.data.clone()
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            ms = time_ms(fwd_bwd_step(bound, permuted, grad_permuted), device, warmup, iters)
-            rows.append(
-                dict(
-                    case=case,
-                    routing=routing,
-                    ms=ms,
-                    tflops=shape.expert_flop / ms / 1e9,
-                    load_max_over_mean=load,
-                    empty_experts=empty,
-                    peak_gib=peak_gib(device),
-                )
-            )
+            step = fwd_bwd_step(bound, permuted, grad_permuted)
+            rows.append(timed_row(case, step, shape, device, warmup, iters, **routed))
         del experts, bound
     for row in rows:
         row["fraction_of_dense"] = row["tflops"] / dense_tflops
