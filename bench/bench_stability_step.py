@@ -2,10 +2,12 @@
 
     python bench/bench_stability_step.py --preset tiny --device cpu --steps 3
     python bench/bench_stability_step.py --preset 200m --device cuda --steps 5          # the GPU goal: <= 2 s per step
+    python bench/bench_stability_step.py --preset 200m --device cuda --decode-cache dynamic   # without CUDA graphs
 
 Runs the stability loop's own `rl_step` (HF engine, the preset's rollout batch, mini-batch size and max new tokens)
 on randomly initialised weights: a random model rarely emits EOS, so every response runs to max_new_tokens, the worst
-case for generation. The first --warmup steps are not timed. Every phase ends in a host read of its results, so the
+case for generation. The first --warmup steps are not timed (with a static cache they include the decode step's
+compilation, reported as warmup_s). Every phase ends in a host read of its results, so the
 GPU work is finished when its clock stops. Prints a table and writes JSON.
 """
 
@@ -20,7 +22,7 @@ import torch
 
 from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
 from openrlhf_gmpo.stability import state
-from openrlhf_gmpo.stability.config import load_preset
+from openrlhf_gmpo.stability.config import DECODE_CACHES, load_preset
 from openrlhf_gmpo.stability.data import split_tasks
 from openrlhf_gmpo.stability.engine import make_engine
 from openrlhf_gmpo.stability.rl_loop import rl_step
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--algo", default="gmpo", help="an algorithm of the preset (the loss costs the same for all)")
     parser.add_argument("--steps", type=int, default=3, help="timed RL steps")
+    parser.add_argument("--decode-cache", choices=DECODE_CACHES, default=None, help="default: the preset's")
     parser.add_argument("--warmup", type=int, default=1, help="untimed RL steps first")
     parser.add_argument(
         "--json", type=Path, default=None, help="output (default runs/bench_stability_step-<preset>-<device>.json)"
@@ -42,6 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_preset(args.preset)
+    decode_cache = args.decode_cache or cfg.rl.decode_cache
     if args.algo not in cfg.algos:
         raise SystemExit(f"--algo {args.algo!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
     device = resolve_device(args.device)
@@ -51,15 +55,18 @@ def main() -> None:
     data = cfg.data.__class__(**{**cfg.data.__dict__, "train_tasks": max(cfg.rl.prompts_per_step, 256), "val_tasks": 1})
     train_tasks, _ = split_tasks(data, cfg.seed)
     engine = make_engine("hf", model_size=cfg.model.size, vocab_size=len(tokenizer), seed=cfg.seed, device=device,
-                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)  # fmt: skip
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         decode_cache=decode_cache)  # fmt: skip
     engine.freeze_reference()
     engine.reset_optimizer(cfg.rl.lr, cfg.rl.weight_decay, cfg.rl.grad_clip)
 
     timings = {phase: [] for phase in PHASES}
-    lengths = []
+    lengths, warmup_s = [], 0.0
     for step in range(1, args.warmup + args.steps + 1):
         record = rl_step(engine, tokenizer, cfg, args.algo, cfg.algos[args.algo], train_tasks, step)
-        if step > args.warmup:
+        if step <= args.warmup:
+            warmup_s += record["step_time_s"]
+        else:
             for phase in PHASES:
                 timings[phase].append(record[phase])
             lengths.append(record["response_length"])
@@ -73,6 +80,9 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "rollouts_per_step": rl.rollout_batch_size,
         "max_new_tokens": rl.max_new_tokens,
+        "decode_cache": decode_cache,
+        "warmup_steps": args.warmup,
+        "warmup_s": warmup_s,
         "mean_response_length": statistics.mean(lengths),
         "optimizer_steps_per_rl_step": rl.epochs * rl.rollout_batch_size // rl.mini_batch_size,
         "timed_steps": args.steps,
@@ -80,12 +90,13 @@ def main() -> None:
     }
     print(
         f"{cfg.name} on {result['device']}: {rl.rollout_batch_size} rollouts x <= {rl.max_new_tokens} new tokens "
-        f"(mean {result['mean_response_length']:.1f}), {result['optimizer_steps_per_rl_step']} optimizer steps"
+        f"(mean {result['mean_response_length']:.1f}), {result['optimizer_steps_per_rl_step']} optimizer steps, "
+        f"{decode_cache} KV cache ({args.warmup} warm-up steps: {warmup_s:.1f} s)"
     )
     print(f"{'phase':<14}{'median s':>10}{'min s':>10}")
     for phase, stats in result["seconds"].items():
         print(f"{phase.removesuffix('_s'):<14}{stats['median']:>10.3f}{stats['min']:>10.3f}")
-    path = args.json or Path("runs") / f"bench_stability_step-{cfg.name}-{device}.json"
+    path = args.json or Path("runs") / f"bench_stability_step-{cfg.name}-{device}-{decode_cache}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

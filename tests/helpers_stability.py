@@ -22,6 +22,7 @@ MINI = {
         "eval_every": 2,
         "eval_tasks": 8,
         "checkpoint_every": 2,
+        "decode_cache": "dynamic",
     },
 }
 

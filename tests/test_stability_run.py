@@ -1,10 +1,12 @@
 """End to end on CPU: a miniature tiny-preset run through the CLI, and exact resume after a simulated kill."""
 
 import json
+import shutil
 
 import helpers_stability
 import matplotlib.image
 import pytest
+import yaml
 
 from openrlhf_gmpo.cli import main as cli_main
 from openrlhf_gmpo.stability.config import load_preset
@@ -105,3 +107,39 @@ def test_killed_run_resumes_to_the_same_metrics(cli_run, workdir):
     assert json.loads((opts.out_dir / "verdict.json").read_text()) == json.loads(
         (uninterrupted / "verdict.json").read_text()
     )
+
+
+def test_parallel_run_trains_each_algorithm_in_its_own_process_to_the_same_metrics(cli_run, workdir):
+    preset, uninterrupted = cli_run
+    out = workdir / "parallel"
+    # Resume a parallel run from a sequential one's checkpoint: gmpo already has steps 1-2, grpo starts from scratch.
+    (out / "checkpoints").mkdir(parents=True)
+    cfg = load_preset(str(preset))
+    run_stability(cfg, RunOptions(algos=("gmpo",), steps=2, out_dir=out, cache_dir=workdir / "cache", device="cpu"),
+                  log=lambda *_: None)  # fmt: skip
+    argv = ["stability", "--preset", str(preset), "--steps", str(STEPS), "--out", str(out),
+            "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--parallel"]  # fmt: skip
+    assert cli_main(argv) == 0
+    # Two child processes, same seeds and CPU threads: identical to the sequential run, merged in algorithm order.
+    assert _comparable(out / "metrics.jsonl") == _comparable(uninterrupted / "metrics.jsonl")
+    assert json.loads((out / "verdict.json").read_text()) == json.loads((uninterrupted / "verdict.json").read_text())
+    logs = {algo: (out / "logs" / f"{algo}.log").read_text() for algo in ("gmpo", "grpo")}
+    assert "gmpo: resuming after step 2" in logs["gmpo"] and "resuming" not in logs["grpo"]
+    assert "grpo step 4:" in logs["grpo"]
+    assert not list(out.glob("metrics-*.jsonl"))  # the children's files were merged and removed
+
+
+def test_parallel_child_that_fails_is_named_with_its_log(cli_run, workdir, tmp_path):
+    preset, uninterrupted = cli_run
+    # gmpo's checkpoint was written under rl.lr 3e-5; this preset says 2e-5, so the gmpo child refuses to resume it.
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(helpers_stability.merged(yaml.safe_load(preset.read_text()), {"rl": {"lr": 2e-5}})))
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(uninterrupted / "checkpoints" / "gmpo.pt", out / "checkpoints" / "gmpo.pt")
+    argv = ["stability", "--preset", str(other), "--steps", "1", "--out", str(out),
+            "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--parallel"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"gmpo exited with code 1 \(see .*gmpo\.log\)"):
+        cli_main(argv)
+    assert "written with other settings" in (out / "logs" / "gmpo.log").read_text()
+    assert "grpo step 1:" in (out / "logs" / "grpo.log").read_text()  # the other child still finished

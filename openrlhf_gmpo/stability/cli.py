@@ -17,6 +17,13 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="warm-start cache (default: <out>/cache)")
     parser.add_argument("--engine", default="hf", choices=["hf", "megatron"], help="training/generation backend")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="after the shared warm start, train each algorithm in its own process on the same device "
+        "(the 200m model leaves an H100 mostly idle); logs in <out>/logs/",
+    )
+    parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # a --parallel child process
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="fresh", action="store_false", help="continue from checkpoints (default)")
     resume.add_argument(
@@ -27,6 +34,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from openrlhf_gmpo.stability.config import load_preset
+    from openrlhf_gmpo.stability.parallel import run_parallel
     from openrlhf_gmpo.stability.runner import RunOptions, run_stability
 
     try:
@@ -39,6 +47,8 @@ def main(args: argparse.Namespace) -> int:
     steps = cfg.rl.steps if args.steps is None else args.steps
     if steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {steps}")
+    if args.part and len(algos) != 1:
+        raise SystemExit(f"--part trains exactly one algorithm, got --algos {args.algos!r}")
     out_dir = args.out or Path("runs") / f"stability-{cfg.name}"
     opts = RunOptions(
         algos=algos,
@@ -48,8 +58,14 @@ def main(args: argparse.Namespace) -> int:
         engine=args.engine,
         device=args.device,
         fresh=args.fresh,
+        part=args.part,
     )
-    verdicts = run_stability(cfg, opts)
+    if args.parallel and not args.part:
+        verdicts = run_parallel(cfg, opts, args.preset)
+    else:
+        verdicts = run_stability(cfg, opts)
+    if args.part:
+        return 0
     for algo, verdict in verdicts.items():
         failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
         print(f"{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DECODE_CACHES = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class RLConfig:
     eval_every: int
     eval_tasks: int
     checkpoint_every: int
+    decode_cache: str  # "dynamic" or "static" (fixed-size KV cache, compiled decode step on CUDA)
 
     @property
     def rollout_batch_size(self) -> int:
@@ -223,6 +225,8 @@ def _check_relations(cfg: StabilityConfig) -> None:
             f"rl.mini_batch_size ({cfg.rl.mini_batch_size}) must divide the rollout batch "
             f"(prompts_per_step * samples_per_prompt = {cfg.rl.rollout_batch_size})"
         )
+    if cfg.rl.decode_cache not in DECODE_CACHES:
+        raise ValueError(f"rl.decode_cache: {cfg.rl.decode_cache!r} is not one of {', '.join(DECODE_CACHES)}")
     if cfg.rl.eval_tasks > cfg.data.val_tasks:
         raise ValueError(f"rl.eval_tasks ({cfg.rl.eval_tasks}) exceeds data.val_tasks ({cfg.data.val_tasks})")
     for algo_name, algo in cfg.algos.items():

@@ -24,6 +24,9 @@ class RunOptions:
     engine: str = "hf"
     device: str = "auto"
     fresh: bool = False
+    # One process of a --parallel run: trains its single algorithm into the shared checkpoints directory, logs to
+    # metrics-<algo>.jsonl, and leaves run.json, metrics.jsonl and the report to the parent.
+    part: bool = False
 
 
 def resolve_device(device: str) -> str:
@@ -36,36 +39,45 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def run_stability(
-    cfg: StabilityConfig,
-    opts: RunOptions,
-    on_step_end: Callable[[str, int], None] | None = None,
-    log=print,
-) -> dict:
-    """Run (or resume) every algorithm in opts.algos and write all outputs; returns the verdicts by algorithm."""
+# What --fresh deletes (besides the metrics-<algo>.jsonl of --parallel children); the cache is kept.
+OUTPUTS = (
+    "checkpoints",
+    "logs",
+    "metrics.jsonl",
+    "verdict.json",
+    "report.md",
+    "ratio_range.png",
+    "training_curves.png",
+)
+
+
+@dataclass
+class Prepared:
+    """What every algorithm's run starts from: tokenizer, task splits, the engine holding the warm-start weights."""
+
+    tokenizer: object
+    train_tasks: list
+    eval_tasks: list
+    engine: object
+    warm: dict  # the warm start's validation metrics
+    device: str
+
+
+def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
+    """Clear outputs if --fresh, then build (or load from the cache) the data and the warm start."""
     from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
     from openrlhf_gmpo.stability.data import cached_split_tasks
     from openrlhf_gmpo.stability.engine import make_engine
-    from openrlhf_gmpo.stability.rl_loop import run_algo
     from openrlhf_gmpo.stability.warmstart import cache_path, warm_start
 
     unknown = [a for a in opts.algos if a not in cfg.algos]
     if unknown:
         raise SystemExit(f"--algos: {unknown[0]!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
-    started = time.perf_counter()
     device = resolve_device(opts.device)
     state.set_determinism(cfg.threads, device)
     out_dir = opts.out_dir
     if opts.fresh and out_dir.exists():
-        for name in (
-            "checkpoints",
-            "metrics.jsonl",
-            "verdict.json",
-            "report.md",
-            "ratio_range.png",
-            "training_curves.png",
-        ):
-            path = out_dir / name
+        for path in [out_dir / name for name in OUTPUTS] + sorted(out_dir.glob("metrics-*.jsonl")):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -80,17 +92,39 @@ def run_stability(
         device=device,
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
+        decode_cache=cfg.rl.decode_cache,
     )
     warm = warm_start(
         engine, tokenizer, cfg, train_tasks, eval_tasks, cache_path(cfg, opts.cache_dir, opts.engine, device), log=log
     )
-    start_weights = engine.model_state()
-    write_json(
-        {"config": cfg.to_dict(), "algos": list(opts.algos), "steps": opts.steps, "device": device},
-        out_dir / "run.json",
-    )
+    return Prepared(tokenizer, train_tasks, eval_tasks, engine, warm, device)
 
-    metrics_path = out_dir / "metrics.jsonl"
+
+def run_stability(
+    cfg: StabilityConfig,
+    opts: RunOptions,
+    on_step_end: Callable[[str, int], None] | None = None,
+    log=print,
+    started: float | None = None,
+) -> dict:
+    """Run (or resume) every algorithm in opts.algos and write all outputs; returns the verdicts by algorithm.
+
+    `started` is the perf_counter reading the report's wall time counts from (default: now).
+    """
+    from openrlhf_gmpo.stability.rl_loop import run_algo
+
+    started = time.perf_counter() if started is None else started
+    ready = prepare(cfg, opts, log=log)
+    engine, warm, device, out_dir = ready.engine, ready.warm, ready.device, opts.out_dir
+    start_weights = engine.model_state()
+    if opts.part:
+        metrics_path = out_dir / f"metrics-{opts.algos[0]}.jsonl"
+    else:
+        write_json(
+            {"config": cfg.to_dict(), "algos": list(opts.algos), "steps": opts.steps, "device": device},
+            out_dir / "run.json",
+        )
+        metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")  # rebuilt from the checkpoints' records, then appended step by step
 
     def emit(record: dict) -> None:
@@ -101,11 +135,11 @@ def run_stability(
     for algo in opts.algos:
         records_by_algo[algo] = run_algo(
             engine,
-            tokenizer,
+            ready.tokenizer,
             cfg,
             algo,
-            train_tasks,
-            eval_tasks,
+            ready.train_tasks,
+            ready.eval_tasks,
             start_weights,
             out_dir / "checkpoints" / f"{algo}.pt",
             opts.steps,
@@ -113,6 +147,8 @@ def run_stability(
             on_step_end=on_step_end,
             log=log,
         )
+    if opts.part:
+        return {}
     verdicts = {algo: judge(recs, warm["val_accuracy"], cfg.verdict) for algo, recs in records_by_algo.items()}
     header = {
         "preset": cfg.name,

@@ -1,0 +1,66 @@
+"""`--parallel`: one process per algorithm on the same device, after the shared warm start.
+
+The 200m model's RL step leaves the GPU idle most of the time (generation is mostly per-token launch overhead), so two
+processes on one GPU train both algorithms in little more than the time of one. Each child trains and checkpoints
+exactly as a sequential run does (same seeds, same checkpoint files), so a sequential command can resume a parallel
+run and vice versa; the parent then writes the combined outputs from the checkpoints.
+"""
+
+import gc
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from openrlhf_gmpo.stability.config import StabilityConfig
+from openrlhf_gmpo.stability.runner import RunOptions, prepare, run_stability
+
+
+def child_command(preset: str, opts: RunOptions, algo: str, device: str) -> list[str]:
+    return [
+        sys.executable, "-m", "openrlhf_gmpo", "stability", "--preset", preset, "--algos", algo,
+        "--steps", str(opts.steps), "--out", str(opts.out_dir), "--cache-dir", str(opts.cache_dir),
+        "--engine", opts.engine, "--device", device, "--part",
+    ]  # fmt: skip
+
+
+def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print) -> dict:
+    """Warm start here, train each algorithm in a child process, then write the outputs; returns the verdicts."""
+    started = time.perf_counter()
+    ready = prepare(cfg, opts, log=log)  # data and warm start land in the cache the children read
+    device = ready.device
+    del ready
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the children need the memory; this process only waits from here on
+
+    logs = opts.out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    children = {}
+    try:
+        for algo in opts.algos:
+            path = logs / f"{algo}.log"
+            with path.open("w") as out:
+                process = subprocess.Popen(
+                    child_command(preset, opts, algo, device), stdout=out, stderr=subprocess.STDOUT
+                )
+            children[algo] = (process, path)
+            log(f"{algo}: training in process {process.pid}; progress in {path}")
+        failed = []
+        for algo, (process, path) in children.items():
+            code = process.wait()
+            log(f"{algo}: {'done' if code == 0 else f'exited with code {code}'}")
+            if code != 0:
+                failed.append(f"{algo} exited with code {code} (see {path})")
+    finally:
+        for process, _ in children.values():
+            if process.poll() is None:  # we were interrupted: do not leave orphans training on the GPU
+                process.terminate()
+    if failed:
+        raise SystemExit(f"--parallel: {'; '.join(failed)}; rerun the same command to resume from the checkpoints")
+    verdicts = run_stability(cfg, replace(opts, fresh=False), log=log, started=started)
+    for algo in opts.algos:
+        (opts.out_dir / f"metrics-{algo}.jsonl").unlink(missing_ok=True)  # merged into metrics.jsonl
+    return verdicts
