@@ -75,23 +75,33 @@ class PolicyEngine(Protocol):
     def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
 
 
-def make_engine(name: str, *, model_size: str, vocab_size: int, seed: int, device: str, eos_id: int, pad_id: int):
-    """Build the engine named on the command line."""
+def make_engine(
+    name: str,
+    *,
+    model_size: str,
+    vocab_size: int,
+    seed: int,
+    device: str,
+    eos_id: int,
+    pad_id: int,
+    decode_cache: str = "dynamic",
+):
+    """Build the engine named on the command line; every engine takes the same settings."""
+    settings = dict(model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id,
+                    pad_id=pad_id, decode_cache=decode_cache)  # fmt: skip
     if name == "hf":
         from openrlhf_gmpo.stability.hf_engine import HFEngine
 
-        return HFEngine(
-            model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id, pad_id=pad_id
-        )
+        return HFEngine(**settings)
     if name == "megatron":
         try:
-            from openrlhf_gmpo.megatron import StabilityEngine  # noqa: F401  (provided by the megatron backend)
-        except ImportError:
+            import megatron.core  # noqa: F401  (the engine imports it lazily; fail here with a readable message)
+        except ImportError as error:
             raise SystemExit(
-                "--engine megatron is not available in this build: openrlhf_gmpo.megatron has no StabilityEngine yet; "
-                "use --engine hf"
+                f"--engine megatron cannot import megatron-core ({error}); install the package's dependencies "
+                "(megatron-core==0.19.2) or use --engine hf"
             ) from None
-        return StabilityEngine(
-            model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id, pad_id=pad_id
-        )
+        from openrlhf_gmpo.megatron import StabilityEngine
+
+        return StabilityEngine(**settings)
     raise SystemExit(f"unknown --engine {name!r}: choose hf or megatron")
