@@ -56,11 +56,27 @@ stability_start() {
     return 0
   fi
   mkdir -p "$RUN"
+  local cache=${DECODE_CACHE:-$(faster_decode_cache)} extra=()
+  [[ -n $cache ]] && extra=(--decode-cache "$cache")
   # --parallel: GMPO and GRPO in two processes on the one GPU, after the shared warm start.
   setsid nohup "$PYTHON" -m openrlhf_gmpo stability --preset "$PRESET" --out "$RUN" --steps "$STEPS" \
-    --device "$DEVICE" --parallel >"$RUN/driver.log" 2>&1 </dev/null &
+    --device "$DEVICE" --parallel "${extra[@]}" >"$RUN/driver.log" 2>&1 </dev/null &
   echo $! >"$RUN/driver.pid"
-  say "stability run started (pid $!): $RUN/driver.log"
+  say "stability run started (pid $!, KV cache: ${cache:-as in the preset}): $RUN/driver.log"
+}
+
+faster_decode_cache() {
+  # The cache whose step-bench median step was faster; nothing (the preset's choice) if step-bench did not run.
+  "$PYTHON" - "$OUT" <<'PY'
+import json, pathlib, sys
+
+times = {}
+for cache in ("static", "dynamic"):
+    path = pathlib.Path(sys.argv[1]) / f"step-{cache}.json"
+    if path.is_file():
+        times[cache] = json.loads(path.read_text())["seconds"]["step_time_s"]["median"]
+print(min(times, key=times.get) if times else "")
+PY
 }
 
 progress() {

@@ -1,6 +1,7 @@
 """`openrlhf-gmpo stability`: does a policy loss keep MoE RL stable? GMPO vs GRPO on CountDown on one machine."""
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -17,6 +18,12 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="warm-start cache (default: <out>/cache)")
     parser.add_argument("--engine", default="hf", choices=["hf", "megatron"], help="training/generation backend")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--decode-cache",
+        default=None,
+        choices=["dynamic", "static"],
+        help="override the preset's rl.decode_cache (static: fixed KV cache, decode step compiled on CUDA)",
+    )
     parser.add_argument(
         "--parallel",
         action="store_true",
@@ -41,6 +48,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_preset(args.preset)
     except ValueError as err:
         raise SystemExit(f"--preset {args.preset}: {err}") from None
+    if args.decode_cache is not None:
+        cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, decode_cache=args.decode_cache))
     algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else tuple(cfg.algos)
     if not algos:
         raise SystemExit(f"--algos {args.algos!r}: name at least one algorithm")

@@ -18,11 +18,11 @@ from openrlhf_gmpo.stability.config import StabilityConfig
 from openrlhf_gmpo.stability.runner import RunOptions, prepare, run_stability
 
 
-def child_command(preset: str, opts: RunOptions, algo: str, device: str) -> list[str]:
+def child_command(preset: str, cfg: StabilityConfig, opts: RunOptions, algo: str, device: str) -> list[str]:
     return [
         sys.executable, "-m", "openrlhf_gmpo", "stability", "--preset", preset, "--algos", algo,
         "--steps", str(opts.steps), "--out", str(opts.out_dir), "--cache-dir", str(opts.cache_dir),
-        "--engine", opts.engine, "--device", device, "--part",
+        "--engine", opts.engine, "--device", device, "--decode-cache", cfg.rl.decode_cache, "--part",
     ]  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
             path = logs / f"{algo}.log"
             with path.open("w") as out:
                 process = subprocess.Popen(
-                    child_command(preset, opts, algo, device), stdout=out, stderr=subprocess.STDOUT
+                    child_command(preset, cfg, opts, algo, device), stdout=out, stderr=subprocess.STDOUT
                 )
             children[algo] = (process, path)
             log(f"{algo}: training in process {process.pid}; progress in {path}")
