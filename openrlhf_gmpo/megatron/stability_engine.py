@@ -134,7 +134,7 @@ class StabilityEngine:
 
     # ---- training -------------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float, weight_decay: float, grad_clip: float) -> None:
-        self.optimizer = torch.optim.AdamW(self._trained, lr=lr, weight_decay=weight_decay, foreach=False)
+        self.optimizer = torch.optim.AdamW(self._trained, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
 
     def set_lr(self, lr: float) -> None:

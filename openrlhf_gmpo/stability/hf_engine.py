@@ -139,7 +139,8 @@ class HFEngine:
     # ---- training -------------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float, weight_decay: float, grad_clip: float) -> None:
         trained = self.master if self.master is not None else self.params
-        self.optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay, foreach=False)
+        # torch's default: multi-tensor (foreach) kernels on CUDA, one parameter at a time on CPU (exact resume there)
+        self.optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
         self.grad_clip = grad_clip
 
     def set_lr(self, lr: float) -> None:
