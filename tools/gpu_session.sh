@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-box work of docs/gpu-runs.md as named phases, run in the order given:
 #   tools/gpu_session.sh setup step-bench stability-start gpu-tests stability-wait
-#   tools/gpu_session.sh stability-wait            # a later call: waits (at most WAIT_S) and collects when done
+#   tools/gpu_session.sh stability-wait            # a later call: waits (until DEADLINE_S) and collects when done
 #   tools/gpu_session.sh kernel-bench
 # Results land in $OUT (the device tool's output folder; default runs/gpu-out). The 200m stability run goes on in
 # the background (setsid) between calls, so it survives the end of the command that started it.
@@ -14,7 +14,9 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-200m}
 STEPS=${STEPS:-300}
 RUN=${RUN:-runs/stability-$PRESET}
-WAIT_S=${WAIT_S:-540}   # stability-wait returns after this long, so a 600 s device command ends in time
+# stability-wait returns once this script has run this long (bash's SECONDS), so a 600 s device command ends in time
+# whatever ran before it
+DEADLINE_S=${DEADLINE_S:-560}
 SMALL=${SMALL:-0}       # 1: kernel benches at their small CPU sizes (dry run)
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
@@ -87,13 +89,13 @@ progress() {
 }
 
 stability_wait() {
-  local start=$SECONDS
-  while running && ((SECONDS - start < WAIT_S)); do
+  while running && ((SECONDS + 30 < DEADLINE_S)); do
     sleep 30
     progress
   done
   if running; then
-    say "still running after ${WAIT_S}s: call stability-wait again"
+    say "still running (this command has run ${SECONDS}s): call stability-wait again"
+    progress
     return 0
   fi
   say "stability run finished"
