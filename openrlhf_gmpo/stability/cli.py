@@ -30,6 +30,13 @@ def register(subparsers) -> None:
         help="after the shared warm start, train each algorithm in its own process on the same device "
         "(the 200m model leaves an H100 mostly idle); logs in <out>/logs/",
     )
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="run once per seed (e.g. 1-3 or 1,4,7), each in <out>/seed-N/; <out>/seeds.md counts passes per algorithm",
+    )
     parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # a --parallel child process
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="fresh", action="store_false", help="continue from checkpoints (default)")
@@ -43,11 +50,22 @@ def main(args: argparse.Namespace) -> int:
     from openrlhf_gmpo.stability.config import load_preset
     from openrlhf_gmpo.stability.parallel import run_parallel
     from openrlhf_gmpo.stability.runner import RunOptions, run_stability
+    from openrlhf_gmpo.stability.seeds import parse_seeds, run_seeds
 
     try:
         cfg = load_preset(args.preset)
     except ValueError as err:
         raise SystemExit(f"--preset {args.preset}: {err}") from None
+    if args.seed is not None:
+        if args.seed < 0:
+            raise SystemExit(f"--seed must be >= 0, got {args.seed}")
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     if args.decode_cache is not None:
         cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, decode_cache=args.decode_cache))
     algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else tuple(cfg.algos)
@@ -69,13 +87,19 @@ def main(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         part=args.part,
     )
-    if args.parallel and not args.part:
-        verdicts = run_parallel(cfg, opts, args.preset)
+
+    def run_one(cfg, opts) -> dict:
+        return run_parallel(cfg, opts, args.preset) if args.parallel and not args.part else run_stability(cfg, opts)
+
+    if seeds is None:
+        verdicts_by_seed = {None: run_one(cfg, opts)}
     else:
-        verdicts = run_stability(cfg, opts)
+        verdicts_by_seed = run_seeds(cfg, opts, seeds, run_one)
     if args.part:
         return 0
-    for algo, verdict in verdicts.items():
-        failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
-        print(f"{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
+    for seed, verdicts in verdicts_by_seed.items():
+        for algo, verdict in verdicts.items():
+            failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
+            where = "" if seed is None else f"seed {seed}: "
+            print(f"{where}{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
     return 0

@@ -22,7 +22,8 @@ def child_command(preset: str, cfg: StabilityConfig, opts: RunOptions, algo: str
     return [
         sys.executable, "-m", "openrlhf_gmpo", "stability", "--preset", preset, "--algos", algo,
         "--steps", str(opts.steps), "--out", str(opts.out_dir), "--cache-dir", str(opts.cache_dir),
-        "--engine", opts.engine, "--device", device, "--decode-cache", cfg.rl.decode_cache, "--part",
+        "--engine", opts.engine, "--device", device, "--decode-cache", cfg.rl.decode_cache, "--seed", str(cfg.seed),
+        "--part",
     ]  # fmt: skip
 
 
