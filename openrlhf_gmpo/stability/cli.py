@@ -47,10 +47,34 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from openrlhf_gmpo.stability.config import load_preset
     from openrlhf_gmpo.stability.parallel import run_parallel
-    from openrlhf_gmpo.stability.runner import RunOptions, run_stability
+    from openrlhf_gmpo.stability.runner import run_stability
     from openrlhf_gmpo.stability.seeds import parse_seeds, run_seeds
+
+    cfg = _config(args)
+    try:
+        seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    opts = _options(args, cfg)
+
+    def run_one(cfg, opts) -> dict:
+        return run_parallel(cfg, opts, args.preset) if args.parallel and not args.part else run_stability(cfg, opts)
+
+    verdicts_by_seed = {None: run_one(cfg, opts)} if seeds is None else run_seeds(cfg, opts, seeds, run_one)
+    if args.part:
+        return 0
+    for seed, verdicts in verdicts_by_seed.items():
+        for algo, verdict in verdicts.items():
+            failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
+            where = "" if seed is None else f"seed {seed}: "
+            print(f"{where}{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    """The preset, with the command line's overrides (--seed, --decode-cache) applied."""
+    from openrlhf_gmpo.stability.config import load_preset
 
     try:
         cfg = load_preset(args.preset)
@@ -60,14 +84,14 @@ def main(args: argparse.Namespace) -> int:
         if args.seed < 0:
             raise SystemExit(f"--seed must be >= 0, got {args.seed}")
         cfg = dataclasses.replace(cfg, seed=args.seed)
-    seeds = None
-    if args.seeds is not None:
-        try:
-            seeds = parse_seeds(args.seeds)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
     if args.decode_cache is not None:
         cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, decode_cache=args.decode_cache))
+    return cfg
+
+
+def _options(args: argparse.Namespace, cfg):
+    from openrlhf_gmpo.stability.runner import RunOptions
+
     algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else tuple(cfg.algos)
     if not algos:
         raise SystemExit(f"--algos {args.algos!r}: name at least one algorithm")
@@ -77,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     if args.part and len(algos) != 1:
         raise SystemExit(f"--part trains exactly one algorithm, got --algos {args.algos!r}")
     out_dir = args.out or Path("runs") / f"stability-{cfg.name}"
-    opts = RunOptions(
+    return RunOptions(
         algos=algos,
         steps=steps,
         out_dir=out_dir,
@@ -87,19 +111,3 @@ def main(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         part=args.part,
     )
-
-    def run_one(cfg, opts) -> dict:
-        return run_parallel(cfg, opts, args.preset) if args.parallel and not args.part else run_stability(cfg, opts)
-
-    if seeds is None:
-        verdicts_by_seed = {None: run_one(cfg, opts)}
-    else:
-        verdicts_by_seed = run_seeds(cfg, opts, seeds, run_one)
-    if args.part:
-        return 0
-    for seed, verdicts in verdicts_by_seed.items():
-        for algo, verdict in verdicts.items():
-            failed = [name for name, check in verdict["checks"].items() if not check["passed"]]
-            where = "" if seed is None else f"seed {seed}: "
-            print(f"{where}{algo}: {'PASS' if verdict['passed'] else 'FAIL (' + ', '.join(failed) + ')'}")
-    return 0
