@@ -7,7 +7,7 @@ right-padded to a common length L; `action_mask` marks response tokens up to and
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NotRequired, Protocol, TypedDict, Unpack
 
 import torch
 
@@ -75,20 +75,20 @@ class PolicyEngine(Protocol):
     def load_optimizer_state(self, state: dict[str, Any]) -> None: ...
 
 
-def make_engine(
-    name: str,
-    *,
-    model_size: str,
-    vocab_size: int,
-    seed: int,
-    device: str,
-    eos_id: int,
-    pad_id: int,
-    decode_cache: str = "dynamic",
-):
-    """Build the engine named on the command line; every engine takes the same settings."""
-    settings = dict(model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id,
-                    pad_id=pad_id, decode_cache=decode_cache)  # fmt: skip
+class EngineSettings(TypedDict):
+    """The keyword arguments every engine's constructor takes."""
+
+    model_size: str
+    vocab_size: int
+    seed: int
+    device: str
+    eos_id: int
+    pad_id: int
+    decode_cache: NotRequired[str]  # "dynamic" (default) or "static"
+
+
+def make_engine(name: str, **settings: Unpack[EngineSettings]):
+    """Build the engine named on the command line."""
     if name == "hf":
         from openrlhf_gmpo.stability.hf_engine import HFEngine
 
