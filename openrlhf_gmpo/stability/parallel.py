@@ -3,19 +3,21 @@
 The 200m model's RL step leaves the GPU idle most of the time (generation is mostly per-token launch overhead), so two
 processes on one GPU train both algorithms in little more than the time of one. Each child trains and checkpoints
 exactly as a sequential run does (same seeds, same checkpoint files), so a sequential command can resume a parallel
-run and vice versa; the parent then writes the combined outputs from the checkpoints.
+run and vice versa; the parent then writes the combined outputs from the step records in the checkpoints, without
+building a model again.
 """
 
 import gc
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
+from openrlhf_gmpo.stability import state
 from openrlhf_gmpo.stability.config import StabilityConfig
-from openrlhf_gmpo.stability.runner import RunOptions, prepare, run_stability
+from openrlhf_gmpo.stability.report import json_line
+from openrlhf_gmpo.stability.runner import RunOptions, checkpoint_path, prepare, write_results, write_run_json
 
 
 def child_command(preset: str, cfg: StabilityConfig, opts: RunOptions, algo: str, device: str) -> list[str]:
@@ -31,7 +33,7 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
     """Warm start here, train each algorithm in a child process, then write the outputs; returns the verdicts."""
     started = time.perf_counter()
     ready = prepare(cfg, opts, log=log)  # data and warm start land in the cache the children read
-    device = ready.device
+    device, warm = ready.device, ready.warm
     del ready
     gc.collect()
     if device == "cuda":
@@ -61,7 +63,10 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
                 process.terminate()
     if failed:
         raise SystemExit(f"--parallel: {'; '.join(failed)}; rerun the same command to resume from the checkpoints")
-    verdicts = run_stability(cfg, replace(opts, fresh=False), log=log, started=started)
+    records_by_algo = {algo: state.load(checkpoint_path(opts, algo))["records"] for algo in opts.algos}
+    write_run_json(cfg, opts, device)
+    lines = [json_line(record) + "\n" for records in records_by_algo.values() for record in records]
+    (opts.out_dir / "metrics.jsonl").write_text("".join(lines))
     for algo in opts.algos:
         (opts.out_dir / f"metrics-{algo}.jsonl").unlink(missing_ok=True)  # merged into metrics.jsonl
-    return verdicts
+    return write_results(cfg, opts, records_by_algo, warm, device, started, log=log)

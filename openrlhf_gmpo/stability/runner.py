@@ -120,10 +120,7 @@ def run_stability(
     if opts.part:
         metrics_path = out_dir / f"metrics-{opts.algos[0]}.jsonl"
     else:
-        write_json(
-            {"config": cfg.to_dict(), "algos": list(opts.algos), "steps": opts.steps, "device": device},
-            out_dir / "run.json",
-        )
+        write_run_json(cfg, opts, device)
         metrics_path = out_dir / "metrics.jsonl"
     metrics_path.write_text("")  # rebuilt from the checkpoints' records, then appended step by step
 
@@ -141,7 +138,7 @@ def run_stability(
             ready.train_tasks,
             ready.eval_tasks,
             start_weights,
-            out_dir / "checkpoints" / f"{algo}.pt",
+            checkpoint_path(opts, algo),
             opts.steps,
             emit,
             on_step_end=on_step_end,
@@ -149,6 +146,23 @@ def run_stability(
         )
     if opts.part:
         return {}
+    return write_results(cfg, opts, records_by_algo, warm, device, started, log=log)
+
+
+def checkpoint_path(opts: RunOptions, algo: str) -> Path:
+    return opts.out_dir / "checkpoints" / f"{algo}.pt"
+
+
+def write_run_json(cfg: StabilityConfig, opts: RunOptions, device: str) -> None:
+    record = {"config": cfg.to_dict(), "algos": list(opts.algos), "steps": opts.steps, "device": device}
+    write_json(record, opts.out_dir / "run.json")
+
+
+def write_results(
+    cfg: StabilityConfig, opts: RunOptions, records_by_algo: dict, warm: dict, device: str, started: float, log=print
+) -> dict:
+    """Verdicts, report.md and plots from every algorithm's step records; returns the verdicts by algorithm."""
+    out_dir = opts.out_dir
     verdicts = {algo: judge(recs, warm["val_accuracy"], cfg.verdict) for algo, recs in records_by_algo.items()}
     header = {
         "preset": cfg.name,

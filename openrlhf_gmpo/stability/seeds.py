@@ -44,8 +44,8 @@ def run_seeds(
 ) -> dict[int, dict]:
     """run_one(cfg with that seed, opts writing to out_dir/seed-N) per seed; writes the summary; verdicts by seed."""
     verdicts = {}
-    for seed in seeds:
-        log(f"=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===")
+    for number, seed in enumerate(seeds, start=1):
+        log(f"=== seed {seed} ({number} of {len(seeds)}) ===")
         verdicts[seed] = run_one(
             dataclasses.replace(cfg, seed=seed), dataclasses.replace(opts, out_dir=opts.out_dir / f"seed-{seed}")
         )
