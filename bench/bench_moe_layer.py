@@ -383,10 +383,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="fp32 checks the |diff| column")
     parser.add_argument("--json", default="bench_moe_layer.json", help="where to write the results")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    require_device(args.device)
+    return run_and_report(run, print_table, args)
+
+
+def require_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu --small to check the script")
-    result = run(args)
-    print_table(result)
+
+
+def run_and_report(run_fn, print_fn, args) -> int:
+    """The benches' common tail: run, print the table, write the JSON to --json."""
+    result = run_fn(args)
+    print_fn(result)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
     return 0

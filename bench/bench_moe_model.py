@@ -18,14 +18,12 @@ matmul rate measured in the same run instead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from bench_moe_layer import dense_matmul_ms, device_name, init_megatron, time_ms
+from bench_moe_layer import dense_matmul_ms, device_name, init_megatron, require_device, run_and_report, time_ms
 
 H100_DENSE_BF16_TFLOPS = 989.0
 
@@ -219,15 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=H100_DENSE_BF16_TFLOPS, help="MFU denominator")
     parser.add_argument("--json", default="bench_moe_model.json", help="where to write the results")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu --small to check the script")
+    require_device(args.device)
     if args.peak_tflops <= 0:
         raise SystemExit(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    result = run(args)
-    print_table(result)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
-    return 0
+    return run_and_report(run, print_table, args)
 
 
 if __name__ == "__main__":

@@ -31,26 +31,13 @@ def resolved(args, dotted: str):
 
 
 def save_tiny_qwen3_moe(path) -> str:
-    """A randomly initialised 2-layer Qwen3-MoE (hidden 32, 4 experts, top-2) saved as an HF checkpoint."""
+    """The megatron tests' 2-layer Qwen3-MoE (hidden 32, 4 experts, top-2), randomly initialised, saved as an HF
+    checkpoint with special-token ids."""
+    from helpers_megatron import TINY_MOE
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
+    config = Qwen3MoeConfig(**TINY_MOE, pad_token_id=0, eos_token_id=1, bos_token_id=1)
     Qwen3MoeForCausalLM(config).save_pretrained(str(path))
     return str(path)
 

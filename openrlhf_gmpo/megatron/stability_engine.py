@@ -67,9 +67,9 @@ class StabilityEngine:
         _init_single_process(self.device, seed)
         # HFEngine builds the HF model with countdown.model.build_model(model_size, vocab_size, seed); the GPTModel
         # starts from the same weights (bf16-rounded on CUDA, as HFEngine's own model).
+        # The HF copy only generates and reports stats: it needs no fp32 master weights (0.8 GB on the 200m model).
         self.hf = HFEngine(model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id,
-                           pad_id=pad_id, decode_cache=decode_cache)  # fmt: skip
-        self.hf.master = None  # the HF copy only generates and reports stats: it needs no fp32 master weights
+                           pad_id=pad_id, decode_cache=decode_cache, master_weights=False)  # fmt: skip
         self.hf_config = self.hf.model.config
         self.sizes = ParallelSizes(1)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

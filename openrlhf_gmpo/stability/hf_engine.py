@@ -36,7 +36,9 @@ class HFEngine:
         eos_id: int,
         pad_id: int,
         decode_cache: str = "dynamic",
+        master_weights: bool = True,
     ):
+        """`master_weights=False` leaves out the fp32 master copies (a model that only generates and scores)."""
         from openrlhf_gmpo.countdown.model import build_model
 
         if decode_cache not in DECODE_CACHES:
@@ -52,7 +54,7 @@ class HFEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # fp32 master copies only when the model itself is not fp32
         self.master = None
-        if self.params[0].dtype != torch.float32:
+        if master_weights and self.params[0].dtype != torch.float32:
             self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
         self.reference = None
         self.optimizer = None
