@@ -172,8 +172,35 @@ def valid_prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask[:, 1:] & attention_mask[:, :-1]
 
 
-def _eval_layout(hf, sizes, batch):
+def causal_only_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """What Transformer Engine's attention applies for megatron's `attn_mask_type=causal`: the future masked, padding
+    not (TE ignores the explicit mask then)."""
+    batch, seq_len = attention_mask.shape
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).triu(1)
+    return future[None, None].expand(batch, 1, seq_len, seq_len)
+
+
+def padded_both_sides(batch: dict) -> dict:
+    """policy_batch with right padding added: row 2's last 2 tokens, row 3's last (row 3 is also left-padded)."""
+    mask = batch["attention_mask"].clone()
+    mask[2, -2:] = False
+    mask[3, -1] = False
+    return {**batch, "attention_mask": mask}
+
+
+def _log_prob_error(model, hf, batch) -> float:
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
+
+    ids, mask = batch["sequences"], batch["attention_mask"]
+    with torch.no_grad():
+        log_probs = token_log_probs(model, ids, mask)
+    return (log_probs - hf_token_log_probs(hf, ids, mask))[valid_prediction_mask(mask)].abs().max().item()
+
+
+def _eval_layout(hf, sizes, batch):
+    from unittest import mock
+
+    from openrlhf_gmpo.megatron import logprobs
     from openrlhf_gmpo.megatron.model import build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
@@ -183,14 +210,15 @@ def _eval_layout(hf, sizes, batch):
     model = build_gpt_model(hf.config, sizes)
     load_hf_weights(model, hf_state, hf.config)
     model.eval()
-    with torch.no_grad():
-        log_probs = token_log_probs(model, batch["sequences"], batch["attention_mask"])
-    reference = hf_token_log_probs(hf, batch["sequences"], batch["attention_mask"])
-    valid = valid_prediction_mask(batch["attention_mask"])
+    both_sides = padded_both_sides(batch)
+    with mock.patch.object(logprobs, "causal_padding_mask", causal_only_mask):
+        causal_only_error = _log_prob_error(model, hf, both_sides)
     exported = dict(iter_hf_weights(model, hf.config))
     per_expert = dict(iter_hf_weights(model, hf.config, expert_layout="per_expert"))
     return {
-        "log_prob_error": (log_probs - reference)[valid].abs().max().item(),
+        "log_prob_error": _log_prob_error(model, hf, batch),
+        "log_prob_error_both_sides": _log_prob_error(model, hf, both_sides),
+        "log_prob_error_causal_only": causal_only_error,
         "export_mismatches": sorted(
             n for n in hf_state if n not in exported or not torch.equal(exported[n], hf_state[n])
         ),

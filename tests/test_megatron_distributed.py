@@ -26,6 +26,11 @@ def test_log_probs_match_hf(suite, layout):
     for rank in range(2):
         # fp32 on both sides; the remaining difference is summation order (measured ~5e-7).
         assert suite[rank][layout]["log_prob_error"] < 1e-4
+        # Rows padded on the left and on the right (a response that ended early) alike.
+        assert suite[rank][layout]["log_prob_error_both_sides"] < 1e-4
+        # With attention that masks only the future, as Transformer Engine's causal attention does: token_log_probs
+        # moves each row's valid tokens to the front, so no valid token can see padding.
+        assert suite[rank][layout]["log_prob_error_causal_only"] < 1e-4
 
 
 @pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2", "eval_top1_tied_ep2"])
@@ -90,3 +95,17 @@ def test_routing_replay_reuses_recorded_experts(suite):
         assert replay["doubled"] < 1e-6
         # Negating them changes the choices: free routing and replayed routing now give different log-probs.
         assert replay["negated"] > 1e-2
+
+
+def test_left_align_moves_each_rows_valid_tokens_to_the_front():
+    from openrlhf_gmpo.megatron.logprobs import left_align
+
+    ids = torch.tensor([[9, 9, 1, 2, 3, 0], [4, 5, 6, 7, 8, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+    aligned, aligned_mask, shift = left_align(ids, mask)
+    # Row 0 is rotated left by its 2 padding columns; row 1 has none on the left and stays.
+    assert aligned.tolist() == [[1, 2, 3, 0, 9, 9], [4, 5, 6, 7, 8, 0]]
+    assert aligned_mask.int().tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert shift.tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"row 1 .*padding between valid tokens \(\[1, 0, 1\]\)"):
+        left_align(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [1, 0, 1]]))

@@ -9,9 +9,35 @@ from __future__ import annotations
 import torch
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the valid tokens of each row (OpenRLHF left-pads prompts), as HF and OpenRLHF number them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Each row rotated so its valid tokens start at column 0: (ids, mask, shift), shift = the row's left padding.
+
+    OpenRLHF rows are a left-padded prompt and a right-padded response: one contiguous run of valid tokens. Moved to
+    the front, a plain causal mask already keeps every valid token from seeing padding, which is what Transformer
+    Engine's causal attention applies (it ignores an explicit mask for `attn_mask_type=causal`); and positions 0, 1,
+    2, ... are HF's, whether or not the attention uses `position_ids` (megatron's RoPE does not).
+    """
+    mask = attention_mask.bool()
+    seq_len = mask.shape[1]
+    lengths = mask.sum(1)
+    shift = mask.int().argmax(1)  # the first valid column; 0 for a row without valid tokens
+    last = seq_len - 1 - mask.flip(1).int().argmax(1)
+    gaps = (lengths > 0) & (last - shift + 1 != lengths)
+    if gaps.any():
+        row = int(gaps.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of the attention mask has padding between valid tokens ({mask[row].int().tolist()}); "
+            "expected a left-padded prompt followed by a right-padded response"
+        )
+    columns = torch.arange(seq_len, device=mask.device)
+    aligned_ids = input_ids.gather(1, (columns + shift[:, None]) % seq_len)
+    return aligned_ids, aligned_mask(mask), shift
+
+
+def aligned_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask after `left_align`: each row's valid tokens in its first columns."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return columns < attention_mask.bool().sum(1, keepdim=True)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,8 +66,8 @@ def token_log_probs(
 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    attention_mask = attention_mask.bool()
     seq_len = input_ids.shape[1]
+    input_ids, attention_mask, shift = left_align(input_ids, attention_mask)
     config = model.config
     if config.sequence_parallel and seq_len % config.tensor_model_parallel_size:
         # Sequence parallelism splits the sequence over TP ranks: right-pad to a multiple with masked tokens, which
@@ -49,12 +75,16 @@ def token_log_probs(
         pad = -seq_len % config.tensor_model_parallel_size
         input_ids = torch.nn.functional.pad(input_ids, (0, pad))
         attention_mask = torch.nn.functional.pad(attention_mask, (0, pad))
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     logits = model(
         input_ids=input_ids,
-        position_ids=position_ids_from_mask(attention_mask),
-        attention_mask=causal_padding_mask(attention_mask),
+        position_ids=positions,
+        attention_mask=causal_padding_mask(attention_mask),  # what the local spec applies; TE applies causal only
         padding_mask=~attention_mask,  # keeps padding out of MoE routing statistics (aux loss, load metrics)
     )  # [B, S, V / tp]
     # The division also makes a fresh fp32 tensor, which the cross-entropy may modify in place.
     shifted = logits[:, : seq_len - 1].float() / temperature
-    return -vocab_parallel_cross_entropy(shifted, input_ids[:, 1:seq_len].contiguous())
+    aligned = -vocab_parallel_cross_entropy(shifted, input_ids[:, 1:seq_len].contiguous())
+    # Back to the caller's columns: entry t predicts token t+1, which sits at t - shift in the aligned row.
+    columns = torch.arange(seq_len - 1, device=aligned.device)
+    return aligned.gather(1, (columns - shift[:, None]) % (seq_len - 1))

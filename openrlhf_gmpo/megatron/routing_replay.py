@@ -7,7 +7,8 @@ mechanism (`moe_enable_routing_replay`, `RouterReplay`: record top-k indices per
 the router's current scores at them, so the router still gets gradients); this module stores what a pass recorded
 per sequence, over its valid tokens, so the update can re-batch sequences differently from the old-policy pass.
 
-Routers see tokens in megatron's [S, b] order, flattened to S*b rows; this needs the full sequence on every rank,
+Routers see tokens in megatron's [S, b] order, flattened to S*b rows, of the batch as `token_log_probs` hands it to
+the model (each row's valid tokens moved to its front, `left_align`); this needs the full sequence on every rank,
 i.e. no sequence parallelism (tp == 1).
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+from openrlhf_gmpo.megatron.logprobs import aligned_mask
 
 
 def _replay():
@@ -30,7 +33,7 @@ def split_per_sequence(layer_indices: list[torch.Tensor], attention_mask: torch.
     """Per-layer [S*b, k] router indices -> one [layers, n_valid_i, k] tensor per sequence (padding dropped)."""
     seq_len, batch = attention_mask.shape[1], attention_mask.shape[0]
     stacked = torch.stack([idx.reshape(seq_len, batch, -1) for idx in layer_indices])  # [layers, S, b, k]
-    mask = attention_mask.bool().cpu()
+    mask = aligned_mask(attention_mask).cpu()
     return [stacked[:, mask[i], i].cpu() for i in range(batch)]
 
 
@@ -42,7 +45,7 @@ def join_per_sequence(per_sequence: list[torch.Tensor], attention_mask: torch.Te
     layers, _, top_k = per_sequence[0].shape
     # Padding rows route to experts 0..k-1: any distinct choice works, a repeated expert would break the dispatch.
     out = torch.arange(top_k, dtype=per_sequence[0].dtype).expand(layers, seq_len, batch, top_k).clone()
-    mask = attention_mask.bool().cpu()
+    mask = aligned_mask(attention_mask).cpu()
     for i, indices in enumerate(per_sequence):
         if indices.shape[1] != int(mask[i].sum()):
             raise ValueError(f"sequence {i}: {indices.shape[1]} recorded tokens, the mask has {int(mask[i].sum())}")
