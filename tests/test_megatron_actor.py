@@ -65,24 +65,43 @@ def actor_run(tmp_path_factory):
         actor_class = ray.remote(num_gpus=0, num_cpus=1)(MegatronPolicyActor)
         actors = _start_actors(actor_class, args, pretrain)
         old = _forward(actors)
-        ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
-        status = ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+        uneven = _uneven_forward(actors)
+        status = _step(actors, old)
         new = _forward(actors)
         ray.get([a.save_model.remote() for a in actors], timeout=120)
         ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 2}) for a in actors])
         ray.get([a.save_checkpoint.remote("global_step2", client_states={"episode": 3}) for a in actors])
         ray.get([a.empty_cache.remote() for a in actors])
+        _step(actors, new)  # a second step, uninterrupted: Adam's moments from the first one matter here
+        second = _forward(actors)
         for actor in actors:
             ray.kill(actor)
 
         resume_args = copy.deepcopy(args)
         resume_args.ckpt.load_enable = True
         resumed = _start_actors(actor_class, resume_args, pretrain)
-        results = dict(old=old, status=status, new=new, resumed=_forward(resumed))
+        results = dict(old=old, uneven=uneven, status=status, new=new, second=second, resumed=_forward(resumed))
         results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])
+        _step(resumed, results["resumed"])  # the same second step after the resume
+        results["resumed_second"] = _forward(resumed)
     finally:
         ray.shutdown()
     return results, tmp
+
+
+def _step(actors, old):
+    ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
+    return ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+
+
+def _uneven_forward(actors):
+    """OpenRLHF's ceil-sized chunks can leave a rank fewer micro-batches, or none: rank 0 gets its two rows as two
+    micro-batches, rank 1 nothing. With EP=2 each forward is an all-to-all, so this hangs unless the ranks even out."""
+    chunk = hm.forward_chunk(0)
+    two = {key: [rows[0][:1], rows[0][1:]] for key, rows in chunk.items()}
+    none = {key: [] for key in chunk}
+    refs = [actors[0].execute_batch.remote("forward", two, 0, 2), actors[1].execute_batch.remote("forward", none, 0, 0)]
+    return ray.get(refs, timeout=120)
 
 
 def _reference():
@@ -109,6 +128,14 @@ def test_forward_returns_hf_log_probs_of_the_rank_chunk(actor_run):
         rows, mask = _rank_rows(rank)
         assert results["old"][rank].shape == (2, 6)
         torch.testing.assert_close(results["old"][rank][mask], old[rows][mask], atol=1e-4, rtol=0)
+
+
+def test_forward_with_uneven_micro_batch_counts_per_rank(actor_run):
+    results, _ = actor_run
+    first, second = results["uneven"][0]
+    assert results["uneven"][1] == []
+    rows, mask = _rank_rows(0)
+    torch.testing.assert_close(torch.cat([first, second])[mask], results["old"][0][mask], atol=1e-5, rtol=0)
 
 
 def test_fit_is_one_gmpo_step_over_the_global_batch(actor_run):
@@ -145,6 +172,9 @@ def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
     assert results["checkpoint_states"] == [{"episode": 3}, {"episode": 3}]
     for rank in range(2):
         torch.testing.assert_close(results["resumed"][rank], results["new"][rank], atol=0, rtol=0)
+        # The step after the resume is the uninterrupted run's second step: optimizer state restored too.
+        torch.testing.assert_close(results["resumed_second"][rank], results["second"][rank], atol=0, rtol=0)
+        assert (results["second"][rank] - results["new"][rank]).abs().max() > 1e-3  # the second step moved
 
 
 @pytest.mark.skip(
@@ -153,3 +183,16 @@ def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
 )
 def test_broadcast_to_vllm():
     pass
+
+
+def test_model_path_may_be_a_local_directory_or_a_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from openrlhf_gmpo.megatron.hf_checkpoint import local_checkpoint_dir
+
+    assert local_checkpoint_dir(str(tmp_path)) == str(tmp_path)
+    # A Hub id goes to the Hub's cache (offline here, and not in the cache): the error names the value and the flag.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"--actor.model_name_or_path 'Qwen/Qwen3-30B-A3B' is neither"):
+        local_checkpoint_dir("Qwen/Qwen3-30B-A3B")

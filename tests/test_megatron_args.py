@@ -41,3 +41,16 @@ def test_unsupported_settings_exit_naming_the_flag(flags, message):
     with pytest.raises(SystemExit) as error:
         helpers_plugin.dry_run(*BASE, *flags)
     assert message in str(error.value)
+
+
+def test_model_numbers_are_checked_at_launch_when_the_config_is_local(tmp_path):
+    import helpers_megatron
+
+    # The tiny test model has 4 experts: EP=8 cannot split them, and the launcher says so before any GPU work.
+    helpers_megatron.tiny_hf_moe().config.save_pretrained(tmp_path)
+    flags = [*BASE, "--megatron.ep", "8"]
+    flags[flags.index("/nonexistent/model")] = str(tmp_path)
+    with pytest.raises(
+        SystemExit, match=f"--actor.model_name_or_path {tmp_path}: .*4 experts are not divisible by ep=8"
+    ):
+        helpers_plugin.dry_run(*flags)

@@ -172,3 +172,16 @@ def test_stability_engine_scores_like_hf_in_bf16_and_takes_a_gmpo_step(single_gp
     engine.load_model_state(state)
     after = engine.model_state()
     assert all(torch.equal(after[name], state[name]) for name in state)
+
+
+def test_megatron_optimizer_decays_matrices_only(single_gpu_megatron):
+    from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, wrap_ddp
+
+    model = _megatron_200m(_countdown_200m(), single_gpu_megatron)
+    optimizer = build_optimizer(wrap_ddp(model), OptimizerOptions(weight_decay=0.1))
+    # megatron groups biases and 1-D weights (norms) with wd_mult 0; only its own scheduler would apply that, so
+    # build_optimizer does: without it every group would decay at 0.1.
+    multipliers = sorted({group["wd_mult"] for group in optimizer.param_groups})
+    assert multipliers == [0.0, 1.0]
+    for group in optimizer.param_groups:
+        assert group["weight_decay"] == 0.1 * group["wd_mult"]

@@ -143,3 +143,14 @@ def test_lr_schedule_follows_openrlhf_cosine_with_min_lr_and_lr_mult():
     assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
     assert rates[6] == pytest.approx(0.55)
     assert rates[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_weight_decay_skips_biases_and_norms_on_the_cpu_optimizer():
+    from openrlhf_gmpo.megatron.train import OptimizerOptions, TorchAdamW
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = TorchAdamW(model, OptimizerOptions(weight_decay=0.1))
+    decayed, plain = optimizer.param_groups
+    # megatron's default rule: matrices decay; biases and 1-D weights (the norm's weight) do not.
+    assert [p.shape for p in decayed["params"]] == [(4, 4)] and decayed["weight_decay"] == 0.1
+    assert [p.shape for p in plain["params"]] == [(4,), (4,), (4,)] and plain["weight_decay"] == 0.0

@@ -5,8 +5,8 @@ per GPU with `(world_size, rank, master_addr, master_port)`.
 What OpenRLHF's PPO trainer calls, and what each does here:
 - `init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)`: process groups, this rank's share of the
   model read lazily from the HF checkpoint, DDP, optimizer, the weight-sync group with vLLM.
-- `forward(sequences, action_mask, attention_mask, ...)` (through `execute_batch`): old-policy log-probs; with routing
-  replay it also records each sequence's experts.
+- `forward(sequences, action_mask, attention_mask, ...)` (through `execute_batch`, which evens out the number of
+  forwards across ranks): old-policy log-probs; with routing replay it also records each sequence's experts.
 - `append(experience)`, `fit(kl_ctl)`: buffer this rank's experiences, then run `train.max_epochs` passes of optimizer
   steps over them; returns the metrics dict the trainer logs.
 - `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`,
@@ -25,7 +25,7 @@ import torch
 from openrlhf.trainer.ray.launcher import BaseModelActor
 
 from openrlhf_gmpo.megatron import routing_replay, vllm_sync
-from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, save_hf_checkpoint
+from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, local_checkpoint_dir, save_hf_checkpoint
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
 from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
 from openrlhf_gmpo.megatron.train import (
@@ -75,6 +75,7 @@ class MegatronPolicyActor(BaseModelActor):
         self.args = args = strategy.args
         self.vllm_engines = vllm_engines
         self.device = _init_torch_distributed()
+        pretrain = local_checkpoint_dir(pretrain)  # a Hub id becomes its cached snapshot
         self.hf_config = AutoConfig.from_pretrained(pretrain)
         m = args.megatron
         world = torch.distributed.get_world_size()
@@ -141,6 +142,31 @@ class MegatronPolicyActor(BaseModelActor):
                 log_probs = self._log_probs(sequences, attention_mask, action_mask.shape[1])
         self.model.train()
         return log_probs.cpu()
+
+    def execute_batch(self, method_name: str, all_data, start_idx, end_idx):
+        """OpenRLHF's, plus: every rank runs as many `forward`s as the busiest one.
+
+        OpenRLHF splits a batch into ceil(n / actors)-sized chunks, so the last ranks can get fewer micro-batches
+        (or none); with expert parallelism every forward is a collective (the all-to-all), and a rank that stopped
+        early would leave the others waiting forever. The extra forwards run on a one-token batch and are dropped.
+        """
+        if method_name != "forward":
+            return super().execute_batch(method_name, all_data, start_idx, end_idx)
+        # The counts are agreed before any forward: collectives must come in the same order on every rank.
+        mine = len(next(iter(all_data.values()))[start_idx:end_idx])
+        busiest = torch.tensor([mine], device=self.device)
+        torch.distributed.all_reduce(busiest, op=torch.distributed.ReduceOp.MAX)
+        results = super().execute_batch(method_name, all_data, start_idx, end_idx)
+        for _ in range(int(busiest.item()) - mine):
+            self._padding_forward()
+        return results
+
+    def _padding_forward(self) -> None:
+        token = torch.full((1, 2), self.tokenizer.eos_token_id or 0, dtype=torch.long, device=self.device)
+        self.model.eval()
+        with torch.no_grad():
+            self._log_probs(token, torch.ones_like(token, dtype=torch.bool), 1)
+        self.model.train()
 
     def _log_probs(self, sequences, attention_mask, num_actions):
         temperature = self.args.rollout.temperature
@@ -251,16 +277,18 @@ class MegatronPolicyActor(BaseModelActor):
         )
 
     def offload_states(self) -> None:
-        """Free this GPU for colocated vLLM engines (--ds.enable_sleep): megatron-core's RL offload moves the
-        optimizer states and bf16 weights to CPU and frees the gradient buffers."""
+        """Free GPU memory for colocated vLLM engines (--ds.enable_sleep): the optimizer states (fp32 master weights
+        and Adam moments) go to CPU and the gradient buffers are freed. The bf16 weights stay, as with OpenRLHF's
+        DeepSpeed offload: the trainer reloads only around `fit`, and calls `forward` (old-policy log-probs) and
+        `broadcast_to_vllm` while offloaded."""
         self.optimizer.offload_to_cpu()
         for buffer in self.model.buffers + self.model.expert_parallel_buffers:
-            buffer.offload_to_cpu(move_params=True, move_grads=True)
+            buffer.offload_to_cpu(move_params=False, move_grads=True)
         torch.cuda.empty_cache()
 
     def reload_states(self) -> None:
         for buffer in self.model.buffers + self.model.expert_parallel_buffers:
-            buffer.reload_from_cpu(move_params=True, move_grads=True)
+            buffer.reload_from_cpu(move_params=False, move_grads=True)
         self.optimizer.restore_from_cpu()
         torch.cuda.synchronize()
 
@@ -294,7 +322,7 @@ class MegatronPolicyActor(BaseModelActor):
         rank = torch.distributed.get_rank()
         state = {"model": self.model.module.state_dict(), "client_states": client_states or {}}
         if hasattr(self.optimizer, "save_parameter_state"):
-            self.optimizer.save_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
+            self.optimizer.save_parameter_state(_parameter_state_file(path, rank))
         state["optimizer"] = self.optimizer.state_dict()
         state["lr_schedule"] = self.lr_schedule.state_dict()
         torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
@@ -318,7 +346,7 @@ class MegatronPolicyActor(BaseModelActor):
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if hasattr(self.optimizer, "load_parameter_state"):
-            self.optimizer.load_parameter_state(os.path.join(path, "optimizer_parameter_state.pt"))
+            self.optimizer.load_parameter_state(_parameter_state_file(path, torch.distributed.get_rank()))
         return state["client_states"]
 
     def get_checkpoint_states(self) -> dict:
@@ -354,6 +382,13 @@ def _check_data_chunking(sizes: ParallelSizes) -> None:
             f"rank {rank}: megatron data-parallel rank {ps.get_data_parallel_rank()} != rank // tp = "
             f"{rank // sizes.tp}; OpenRLHF's data chunks would reach the wrong replica"
         )
+
+
+def _parameter_state_file(path: str, rank: int) -> str:
+    """One file per rank: the first rank of each data-parallel group writes its group's optimizer shard, and with
+    expert parallelism there are several such groups (each EP rank's experts), so one shared name would be written
+    by all of them. The same rank reads it back (same parallel sizes)."""
+    return os.path.join(path, f"optimizer_parameter_state_rank{rank:05d}.pt")
 
 
 def _keep_newest(directory: str, max_num: int) -> None:

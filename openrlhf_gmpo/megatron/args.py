@@ -62,7 +62,6 @@ def validate_megatron_args(args) -> None:
     for name in ("tp", "pp", "ep", "etp"):
         if getattr(m, name) < 1:
             raise SystemExit(f"--megatron.{name} {getattr(m, name)} must be >= 1")
-    # Divisibility by the model's numbers (heads, experts, layers) is checked in the actor against its config.
     world = sizes.world_size
     if world % (m.tp * m.pp) or world % (m.etp * m.ep * m.pp):
         raise SystemExit(
@@ -71,6 +70,7 @@ def validate_megatron_args(args) -> None:
         )
     if m.pp != 1:
         raise SystemExit(f"--megatron.pp {m.pp}: the megatron policy update runs one pipeline stage; use pp 1")
+    _check_model_numbers(args.actor.model_name_or_path, sizes)
     if m.tp > 1:
         from openrlhf_gmpo.megatron.model import has_transformer_engine
 
@@ -114,3 +114,20 @@ def validate_megatron_args(args) -> None:
     for flag, value in unsupported.items():
         if value:
             raise SystemExit(f"{flag} {value}: not supported by the megatron backend")
+
+
+def _check_model_numbers(model: str, sizes: ParallelSizes) -> None:
+    """Divisibility by the model's numbers (heads, KV heads, experts, layers, vocab) before the cluster starts, when
+    the config is local or in the HF cache; otherwise the actor checks it after download, before building the model."""
+    from transformers import AutoConfig
+
+    from openrlhf_gmpo.megatron.parallel import sizes_for_hf_config
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)  # no network from the launcher
+    except (OSError, ValueError):
+        return
+    try:
+        sizes_for_hf_config(config, sizes)
+    except ValueError as error:
+        raise SystemExit(f"--actor.model_name_or_path {model}: {error}") from error

@@ -16,6 +16,22 @@ import torch
 SHARD_BYTES = 2 * 1024**3  # 2 GiB per file: bounds the host memory held while writing
 
 
+def local_checkpoint_dir(name_or_path: str) -> str:
+    """A local directory as is; a Hugging Face Hub id downloaded (safetensors and JSON files only) into the HF cache,
+    or found there under HF_HUB_OFFLINE=1, as `from_pretrained` and vLLM resolve the same id."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name_or_path, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as error:  # the hub's errors name neither the flag nor that a local path was possible
+        raise FileNotFoundError(
+            f"--actor.model_name_or_path {name_or_path!r} is neither a local directory nor a Hugging Face Hub model "
+            f"this machine can download or find in its cache ({type(error).__name__}: {error})"
+        ) from error
+
+
 class SafetensorsCheckpoint(Mapping):
     """name -> tensor over `model.safetensors` or `model.safetensors.index.json` in `path`, read lazily."""
 

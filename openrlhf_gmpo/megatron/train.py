@@ -80,17 +80,32 @@ def build_optimizer(ddp_model, options: OptimizerOptions = OptimizerOptions()):
         params_dtype=config.params_dtype,
         use_distributed_optimizer=True,  # fp32 master weights and Adam states sharded over DP
     )
-    return get_megatron_optimizer(optimizer_config, [ddp_model])
+    optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
+    # megatron puts biases and 1-D weights (norms) in groups with wd_mult 0, but only its own LR scheduler applies
+    # wd_mult; LRSchedule sets the rate alone, so apply it here, once.
+    for group in optimizer.param_groups:
+        group["weight_decay"] = options.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """megatron's default rule (and OpenRLHF's, in effect): no weight decay for biases and 1-D weights (norms)."""
+    return param.dim() > 1 and not name.endswith(".bias")
 
 
 class TorchAdamW:
     """CPU stand-in for megatron's optimizer: AdamW on DDP's reduced `main_grad`s, model-parallel grad-norm clip."""
 
     def __init__(self, ddp_model, options: OptimizerOptions):
-        self.params = [p for p in ddp_model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in ddp_model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.options = options
+        groups = [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": options.weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ]
         self.inner = torch.optim.AdamW(
-            self.params, lr=options.lr, betas=options.betas, eps=options.eps, weight_decay=options.weight_decay
+            [g for g in groups if g["params"]], lr=options.lr, betas=options.betas, eps=options.eps
         )
 
     def zero_grad(self) -> None:
