@@ -37,6 +37,7 @@ def _parse(overrides: dict):
         # relations between keys
         ({"rl": {"mini_batch_size": 7}}, "rl.mini_batch_size (7) must divide the rollout batch"),
         ({"data": {"min_numbers": 4, "max_numbers": 3}}, "data.min_numbers (4) exceeds data.max_numbers (3)"),
+        ({"data": {"train_tasks": 6}}, "rl.prompts_per_step (8) exceeds data.train_tasks (6)"),
         # an unknown loss names the algorithm and suggests the closest registered loss
         ({"algos": {"gmpo": {"loss": "gmop"}}}, "algos.gmpo.loss: unknown loss 'gmop'; did you mean 'gmpo'?"),
         ({"algos": {"gmpo": {"loss": "gmpo", "clip_eps": 0.4}}}, "unknown key 'algos.gmpo.clip_eps'"),
@@ -73,3 +74,11 @@ def test_unknown_algo_on_the_command_line_names_it(tmp_path):
     opts = RunOptions(algos=("gspo",), steps=1, out_dir=tmp_path, cache_dir=tmp_path)
     with pytest.raises(SystemExit, match="--algos: 'gspo' is not in preset 'tiny' \\(it has gmpo, grpo\\)"):
         run_stability(load_preset("tiny"), opts)
+
+
+def test_an_algorithm_named_twice_is_refused(tmp_path):
+    from openrlhf_gmpo.cli import main as cli_main
+
+    # Twice the same name would train it twice into one checkpoint (two processes with --parallel).
+    with pytest.raises(SystemExit, match=re.escape("--algos 'gmpo,grpo,gmpo': gmpo named more than once")):
+        cli_main(["stability", "--preset", "tiny", "--algos", "gmpo,grpo,gmpo", "--out", str(tmp_path)])

@@ -6,6 +6,7 @@ import shutil
 import helpers_stability
 import matplotlib.image
 import pytest
+import torch
 import yaml
 
 from openrlhf_gmpo.cli import main as cli_main
@@ -141,5 +142,59 @@ def test_parallel_child_that_fails_is_named_with_its_log(cli_run, workdir, tmp_p
             "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--parallel"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"gmpo exited with code 1 \(see .*gmpo\.log\)"):
         cli_main(argv)
-    assert "written with other settings" in (out / "logs" / "gmpo.log").read_text()
+    assert "written with other training settings" in (out / "logs" / "gmpo.log").read_text()
     assert "grpo step 1:" in (out / "logs" / "grpo.log").read_text()  # the other child still finished
+
+
+def test_resume_ignores_settings_that_do_not_change_training(cli_run, workdir, tmp_path):
+    preset, uninterrupted = cli_run
+    # New verdict bounds, another algorithm in the preset, the other decode cache: the checkpoints still resume,
+    # so a finished run can be re-judged or extended without retraining.
+    changes = {"verdict": {"max_kl": 0.01}, "rl": {"decode_cache": "static"},
+               "algos": {"gmpo_clip02": {"loss": "gmpo", "clip_eps_low": 0.2, "clip_eps_high": 0.2}}}  # fmt: skip
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(helpers_stability.merged(yaml.safe_load(preset.read_text()), changes)))
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    logs = []
+    opts = RunOptions(algos=("gmpo", "grpo"), steps=STEPS, out_dir=out, cache_dir=workdir / "cache", device="cpu")
+    run_stability(load_preset(str(other)), opts, log=logs.append)
+    assert "gmpo: resuming after step 4" in logs and "grpo: resuming after step 4" in logs
+    assert _comparable(out / "metrics.jsonl") == _comparable(uninterrupted / "metrics.jsonl")
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["gmpo"]["checks"]["kl_ref"]["allowed_max"] == 0.01  # judged with the new bound
+    # Fewer steps than a checkpoint holds is refused, naming both numbers, rather than reporting 4 steps as 2.
+    with pytest.raises(SystemExit, match=r"gmpo\.pt already holds 4 steps of gmpo, more than --steps 2"):
+        run_stability(load_preset(str(other)), RunOptions(**{**opts.__dict__, "steps": 2}), log=logs.append)
+
+
+def test_a_diverging_run_stops_and_fails_its_verdict(workdir, tmp_path, monkeypatch):
+    from openrlhf_gmpo.stability.hf_engine import HFEngine
+
+    real_step, armed = HFEngine.train_step, []
+
+    def poisoned_step(self, batch, loss_fn):
+        # Once armed, the next update leaves a NaN in the weights, as a blown-up update would.
+        result = real_step(self, batch, loss_fn)
+        if armed:
+            armed.clear()
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(HFEngine, "train_step", poisoned_step)
+    cfg = load_preset(str(helpers_stability.write_mini_preset(workdir)))
+    assert cfg.rl.epochs * cfg.rl.rollout_batch_size // cfg.rl.mini_batch_size > 1  # step 2 scores after the NaN
+
+    def arm_after_step_1(algo, step):
+        if step == 1:
+            armed.append(True)
+
+    opts = RunOptions(algos=("gmpo",), steps=STEPS, out_dir=tmp_path, cache_dir=workdir / "cache", device="cpu")
+    run_stability(cfg, opts, on_step_end=arm_after_step_1, log=lambda *_: None)
+    records = _lines(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # stopped at the step that went non-finite
+    assert records[-1]["diverged"] is True
+    verdict = json.loads((tmp_path / "verdict.json").read_text())["gmpo"]
+    assert verdict["passed"] is False and verdict["checks"]["finite"]["passed"] is False
+    assert "| nan |" in (tmp_path / "report.md").read_text()  # the table shows it, not a min/max that skipped it

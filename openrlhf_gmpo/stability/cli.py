@@ -95,6 +95,9 @@ def _options(args: argparse.Namespace, cfg):
     algos = tuple(a.strip() for a in args.algos.split(",") if a.strip()) if args.algos else tuple(cfg.algos)
     if not algos:
         raise SystemExit(f"--algos {args.algos!r}: name at least one algorithm")
+    if len(set(algos)) != len(algos):
+        repeated = sorted({a for a in algos if algos.count(a) > 1})
+        raise SystemExit(f"--algos {args.algos!r}: {', '.join(repeated)} named more than once")
     steps = cfg.rl.steps if args.steps is None else args.steps
     if steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {steps}")

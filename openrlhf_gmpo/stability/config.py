@@ -229,6 +229,10 @@ def _check_relations(cfg: StabilityConfig) -> None:
         raise ValueError(f"rl.decode_cache: {cfg.rl.decode_cache!r} is not one of {', '.join(DECODE_CACHES)}")
     if cfg.rl.eval_tasks > cfg.data.val_tasks:
         raise ValueError(f"rl.eval_tasks ({cfg.rl.eval_tasks}) exceeds data.val_tasks ({cfg.data.val_tasks})")
+    if cfg.rl.prompts_per_step > cfg.data.train_tasks:  # each step draws distinct training tasks
+        raise ValueError(
+            f"rl.prompts_per_step ({cfg.rl.prompts_per_step}) exceeds data.train_tasks ({cfg.data.train_tasks})"
+        )
     for algo_name, algo in cfg.algos.items():
         if algo.loss not in LOSS_NAMES:
             close = difflib.get_close_matches(algo.loss, list(LOSS_NAMES), n=1, cutoff=0.0)

@@ -61,6 +61,13 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _nan_aware_extremes(values: list[float]) -> tuple[float, float]:
+    """min and max, both NaN if any value is: Python's min/max skip a NaN in some positions and hide a diverged run."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    return min(values), max(values)
+
+
 def render_report(records_by_algo: dict[str, list[dict]], verdicts: dict, header: dict) -> str:
     lines = ["# Stability report", ""]
     lines += [f"- {key}: {_fmt(value)}" for key, value in header.items()]
@@ -72,9 +79,8 @@ def render_report(records_by_algo: dict[str, list[dict]], verdicts: dict, header
         for key, label in TABLE_ROWS:
             values = [r[key] for r in records if key in r]
             if values:
-                lines.append(
-                    f"| {label} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(min(values))} | {_fmt(max(values))} |"
-                )
+                low, high = _nan_aware_extremes(values)
+                lines.append(f"| {label} | {_fmt(values[0])} | {_fmt(values[-1])} | {_fmt(low)} | {_fmt(high)} |")
         lines += ["", "| check | passed | numbers |", "|---|---|---|"]
         for name, check in verdict["checks"].items():
             numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in check.items() if k not in ("passed", "non_finite"))

@@ -29,6 +29,19 @@ class NonFiniteLogProbs(RuntimeError):
     """The policy produced NaN/inf log-probs: the run has diverged and further updates mean nothing."""
 
 
+# rl settings that do not change what is trained: how long, how often to checkpoint, how the decoder caches.
+_NOT_TRAINING = ("steps", "checkpoint_every", "decode_cache")
+
+
+def training_fingerprint(cfg: StabilityConfig, algo_name: str) -> str:
+    """What an algorithm's checkpoint must match to be resumed: everything that shapes its training, and nothing
+    else, so a run can be re-judged with new verdict bounds, extended to more steps, or joined by other algorithms."""
+    settings = cfg.to_dict()
+    rl = {key: value for key, value in settings["rl"].items() if key not in _NOT_TRAINING}
+    parts = (settings[key] for key in ("seed", "threads", "model", "data", "sft"))
+    return state.config_fingerprint(*parts, rl, algo_name, settings["algos"][algo_name])
+
+
 def run_algo(
     engine: PolicyEngine,
     tokenizer,
@@ -45,7 +58,7 @@ def run_algo(
 ) -> list[dict]:
     """Train `algo_name` from start_weights (or its checkpoint) up to target_steps; returns all of its step records."""
     algo, rl = cfg.algos[algo_name], cfg.rl
-    fingerprint = state.config_fingerprint(cfg.to_dict(), algo_name)
+    fingerprint = training_fingerprint(cfg, algo_name)
     engine.load_model_state(start_weights)
     engine.freeze_reference()  # KL is measured against the warm-start weights
     engine.reset_optimizer(rl.lr, rl.weight_decay, rl.grad_clip)
@@ -53,7 +66,15 @@ def run_algo(
     if checkpoint_path.is_file():
         saved = state.load(checkpoint_path)
         if saved["fingerprint"] != fingerprint:
-            raise SystemExit(f"{checkpoint_path} was written with other settings; rerun with --fresh to start over")
+            raise SystemExit(
+                f"{checkpoint_path} was written with other training settings (seed, threads, model, data, sft, rl "
+                f"or algos.{algo_name}); rerun with --fresh to start over"
+            )
+        if saved["step"] > target_steps:
+            raise SystemExit(
+                f"{checkpoint_path} already holds {saved['step']} steps of {algo_name}, more than --steps "
+                f"{target_steps}; ask for at least {saved['step']} steps, or rerun with --fresh"
+            )
         engine.load_model_state(saved["model"])
         engine.load_optimizer_state(saved["optimizer"])
         state.restore_rng(saved["rng"])
