@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-box work of docs/gpu-runs.md as named phases, run in the order given:
 #   tools/gpu_session.sh setup step-bench stability-start gpu-tests stability-wait
-#   tools/gpu_session.sh stability-wait            # a later call: waits (until DEADLINE_S) and collects when done
-#   tools/gpu_session.sh kernel-bench
+#   tools/gpu_session.sh setup stability-wait                  # a later call: waits, collects when done
+#   STOP_AT_S=240 tools/gpu_session.sh setup stability-wait kernel-bench   # the last call: stops the run if need be
+# Every phase is bounded by what is left of DEADLINE_S, so a 600 s device command always ends in time and returns its
+# files; stability-wait packs what the run has so far into $OUT on every call, finished or not.
 # Results land in $OUT (the device tool's output folder; default runs/gpu-out). The 200m stability run goes on in
 # the background (setsid) between calls, so it survives the end of the command that started it.
 # Dry run on a CPU machine: PYTHON=.venv/bin/python DEVICE=cpu PRESET=tiny STEPS=3 SMALL=1 tools/gpu_session.sh ...
@@ -17,12 +19,30 @@ RUN=${RUN:-runs/stability-$PRESET}
 # stability-wait returns once this script has run this long (bash's SECONDS), so a 600 s device command ends in time
 # whatever ran before it
 DEADLINE_S=${DEADLINE_S:-560}
+# stability-wait stops the run (and collects what it has) once this script has run this long; unset: never
+STOP_AT_S=${STOP_AT_S:-}
 SMALL=${SMALL:-0}       # 1: kernel benches at their small CPU sizes (dry run)
 OUT=${OUT:-runs/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 say() { echo "[gpu_session $(date -u +%H:%M:%S)] $*"; }
+
+# bounded LIMIT CMD...: run CMD for at most LIMIT seconds, or what is left before DEADLINE_S (less a 15 s margin for
+# the rest of the command), whichever is less; skipped with a message when under 10 s are left.
+bounded() {
+  local limit=$1 left=$((DEADLINE_S - SECONDS - 15))
+  shift
+  ((left < limit)) && limit=$left
+  if ((limit < 10)); then
+    say "skipped (${limit}s left before DEADLINE_S): $*"
+    return 124
+  fi
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  ((rc == 124 || rc == 137)) && say "stopped after ${limit}s: $*"
+  return $rc
+}
 
 setup() {
   # Wheels the box lacks (megatron-core, OpenRLHF and what importing its loss module needs) from .whl/, filled by
@@ -44,9 +64,11 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "meg
 }
 
 step_bench() {
+  # 1 warm-up (with a static cache: the decode step's compilation) + 3 timed steps per cache; the run itself then
+  # logs every step's time.
   for cache in static dynamic; do
-    "$PYTHON" bench/bench_stability_step.py --preset "$PRESET" --device "$DEVICE" --steps 5 --decode-cache "$cache" \
-      --json "$OUT/step-$cache.json" || say "step-bench with a $cache cache failed"
+    bounded 150 "$PYTHON" bench/bench_stability_step.py --preset "$PRESET" --device "$DEVICE" --steps 3 \
+      --decode-cache "$cache" --json "$OUT/step-$cache.json" || say "step-bench with a $cache cache failed"
   done
 }
 
@@ -89,13 +111,32 @@ progress() {
 }
 
 stability_wait() {
-  while running && ((SECONDS + 30 < DEADLINE_S)); do
+  if [[ ! -f $RUN/driver.pid ]]; then
+    # A fresh machine: the one that ran stability-start was given back (and its disk with it).
+    say "no stability run on this machine ($RUN/driver.pid missing): start one with stability-start"
+    return 1
+  fi
+  local until=$DEADLINE_S
+  [[ -n $STOP_AT_S ]] && ((STOP_AT_S < until)) && until=$STOP_AT_S
+  while running && ((SECONDS + 30 < until)); do
     sleep 30
     progress
   done
+  if running && [[ -n $STOP_AT_S ]]; then
+    # The run has had its share of the session; stop it (driver and children: one process group, from setsid) so
+    # the next phases get the GPU to themselves. Checkpoints are written atomically, so none is left half-written.
+    say "stopping the stability run after ${SECONDS}s of this command (STOP_AT_S=$STOP_AT_S)"
+    kill -TERM -- "-$(cat "$RUN/driver.pid")" 2>/dev/null
+    sleep 10
+    kill -KILL -- "-$(cat "$RUN/driver.pid")" 2>/dev/null
+    progress
+    collect partial
+    return 0
+  fi
   if running; then
     say "still running (this command has run ${SECONDS}s): call stability-wait again"
     progress
+    collect partial
     return 0
   fi
   say "stability run finished"
@@ -104,30 +145,50 @@ stability_wait() {
 }
 
 collect() {
-  local files=()
-  for name in report.md verdict.json metrics.jsonl ratio_range.png training_curves.png run.json driver.log logs; do
+  # collect [partial]: pack the run's outputs into $OUT (the device call brings $OUT back). Partial: the per-algorithm
+  # metrics written so far and the logs, as $OUT/stability-$PRESET-partial.tgz.
+  local names=(report.md verdict.json metrics.jsonl ratio_range.png training_curves.png run.json driver.log logs)
+  local archive=$OUT/stability-$PRESET.tgz files=()
+  if [[ ${1:-} == partial ]]; then
+    names+=(metrics-gmpo.jsonl metrics-grpo.jsonl)
+    archive=$OUT/stability-$PRESET-partial.tgz
+  fi
+  for name in "${names[@]}"; do
     [[ -e $RUN/$name ]] && files+=("$name")
   done
-  tar czf "$OUT/stability-$PRESET.tgz" -C "$RUN" "${files[@]}" && say "collected ${files[*]} into $OUT/stability-$PRESET.tgz"
+  if ((${#files[@]} == 0)); then
+    say "nothing to collect in $RUN"
+    return 1
+  fi
+  tar czf "$archive" -C "$RUN" "${files[@]}" && say "collected ${files[*]} into $archive"
 }
 
 gpu_tests() {
-  "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_losses_gpu.py tests/test_grouped_experts.py \
+  bounded 240 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_losses_gpu.py tests/test_grouped_experts.py \
     tests/test_megatron_gpu.py tests/test_stability_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+  return "${PIPESTATUS[0]}"
 }
 
 kernel_bench() {
+  # Most telling first: the MoE layer table (issue 7's goals), then the profile of where its time goes, the whole
+  # model, and the loss. Every script runs whatever the others did; the phase fails if any did.
+  local failed=() small=() size=(--device "$DEVICE" --batch 512 --length 8192 --repeats 20 --warmup 5)
   if ((SMALL)); then
-    "$PYTHON" bench/bench_losses.py --device "$DEVICE" --batch 8 --length 64 --repeats 2 --warmup 1 --json "$OUT/losses.json"
-    "$PYTHON" bench/bench_moe_layer.py --device "$DEVICE" --small --json "$OUT/moe_layer.json"
-    "$PYTHON" bench/bench_moe_model.py --device "$DEVICE" --small --json "$OUT/moe_model.json"
-    "$PYTHON" bench/profile_moe_layer.py --device "$DEVICE" --small --dtype fp32 --json "$OUT/profile_moe_layer.json"
+    small=(--device "$DEVICE" --small)
+    size=(--device "$DEVICE" --batch 8 --length 64 --repeats 2 --warmup 1)
+  fi
+  bounded 150 "$PYTHON" bench/bench_moe_layer.py "${small[@]}" --json "$OUT/moe_layer.json" || failed+=(moe_layer)
+  if ((SMALL)); then
+    bounded 90 "$PYTHON" bench/profile_moe_layer.py "${small[@]}" --dtype fp32 --json "$OUT/profile_moe_layer.json"
   else
-    "$PYTHON" bench/bench_losses.py --device "$DEVICE" --batch 512 --length 8192 --repeats 20 --warmup 5 \
-      --json "$OUT/losses.json"
-    "$PYTHON" bench/bench_moe_layer.py --json "$OUT/moe_layer.json"
-    "$PYTHON" bench/bench_moe_model.py --json "$OUT/moe_model.json"
-    "$PYTHON" bench/profile_moe_layer.py --json "$OUT/profile_moe_layer.json"
+    bounded 90 "$PYTHON" bench/profile_moe_layer.py --json "$OUT/profile_moe_layer.json"
+  fi || failed+=(profile_moe_layer)
+  bounded 150 "$PYTHON" bench/bench_moe_model.py "${small[@]}" --json "$OUT/moe_model.json" || failed+=(moe_model)
+  bounded 90 "$PYTHON" bench/bench_losses.py "${size[@]}" --json "$OUT/losses.json" || failed+=(losses)
+  ls -l "$OUT"/*.json
+  if ((${#failed[@]})); then
+    say "kernel-bench: failed or stopped: ${failed[*]}"
+    return 1
   fi
 }
 
@@ -138,8 +199,8 @@ for phase in "$@"; do
   setup) setup || { say "setup failed"; exit 1; } ;;
   step-bench) step_bench ;;
   stability-start) stability_start ;;
-  stability-wait) stability_wait ;;
-  collect) collect ;;
+  stability-wait) stability_wait || status=1 ;;
+  collect) collect || status=1 ;;
   gpu-tests) gpu_tests || status=1 ;;
   kernel-bench) kernel_bench || status=1 ;;
   *)

@@ -167,6 +167,11 @@ class GroupedExperts(SequentialMLP):
             # Same as SequentialMLP: scale the input, then run the experts with unit probs.
             hidden = (probs.unsqueeze(-1) * hidden).to(hidden.dtype)
             probs = torch.ones_like(probs)
+        if hidden.device.type == "cuda" and not _has_fast_grouped_mm(hidden):
+            _log_once(
+                f"torch's grouped_mm has a fused kernel for bf16 on compute capability 9.0/10.0 only; with "
+                f"{hidden.dtype} on {torch.cuda.get_device_capability(hidden.device)} it loops over the experts"
+            )
         # Group ends as int32 on the device: no host sync, unlike SequentialMLP's tokens_per_expert.tolist().
         offsets = torch.cumsum(tokens_per_expert.to(hidden.device), 0, dtype=torch.int32)
         fc1 = _GroupedLinear.apply(hidden, offsets, *self._weights_and_view("linear_fc1"))
@@ -243,6 +248,11 @@ class GroupedExperts(SequentialMLP):
         super()._apply(fn, recurse)
         self._stack_expert_weights()
         return self
+
+
+def _has_fast_grouped_mm(hidden: torch.Tensor) -> bool:
+    """Where torch runs grouped_mm as one CUTLASS kernel; elsewhere it falls back to a loop of matmuls."""
+    return hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device) in ((9, 0), (10, 0))
 
 
 def _log_once(message: str) -> None:
