@@ -271,7 +271,8 @@ def _update(hf, sizes, batch, rank, routing_replay=False):
         ddp, optimizer, micro_batches, loss_name=UPDATE["loss_name"], clip_eps_low=UPDATE["clip_eps_low"],
         clip_eps_high=UPDATE["clip_eps_high"], global_batch_size=4, dp_size=sizes.dp,
     )  # fmt: skip
-    return metrics, {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+    weights = {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+    return metrics, weights, {n: t.clone() for n, t in iter_hf_weights(_Gradients(model), hf.config)}
 
 
 def _routing_replay_check(hf, sizes, batch):
@@ -351,7 +352,8 @@ def hf_action_log_probs(model, batch, num_actions: int = 6) -> torch.Tensor:
 
 
 def hf_reference_update(model, batch, *, old_log_probs, lr: float, clip_grad: float, loss_name: str = "gmpo"):
-    """One policy step in one process on the whole batch: HF model, torch clip, AdamW(betas 0.9/0.95, eps 1e-8)."""
+    """One policy step in one process on the whole batch: HF model, torch clip, AdamW(betas 0.9/0.95, eps 1e-8).
+    Returns the grad norm before clipping and the state after the step; the clipped gradients stay in `.grad`."""
     from openrlhf_gmpo.losses import compute_policy_loss
 
     loss, _ = compute_policy_loss(
@@ -362,6 +364,17 @@ def hf_reference_update(model, batch, *, old_log_probs, lr: float, clip_grad: fl
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
     return grad_norm.item(), {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+class _Gradients:
+    """A megatron model's reduced (and, after the step, clipped) gradients under its parameter names, so the HF
+    mapping (`iter_hf_weights`, which reads only `named_parameters`) exports them like weights."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        return ((name, param.main_grad) for name, param in self.model.named_parameters())
 
 
 def _experience(batch, rows, old_log_probs):

@@ -68,19 +68,25 @@ def _hf_reference_update():
     """The same GMPO step in one process: HF model, whole batch, torch clip + AdamW with the same settings."""
     batch = hm.policy_batch()
     lr, clip_grad = hm.UPDATE["lr"], hm.UPDATE["clip_grad"]
-    old = batch["old_log_probs"]
-    return hm.hf_reference_update(hm.tiny_hf_moe(), batch, old_log_probs=old, lr=lr, clip_grad=clip_grad)
+    model = hm.tiny_hf_moe()
+    norm, state = hm.hf_reference_update(model, batch, old_log_probs=batch["old_log_probs"], lr=lr, clip_grad=clip_grad)
+    return norm, state, {name: param.grad for name, param in model.named_parameters()}
 
 
 def test_gmpo_update_is_the_same_at_ep1_ep2_and_in_hf(suite):
-    reference_norm, reference = _hf_reference_update()
+    reference_norm, reference, reference_grads = _hf_reference_update()
     before = hm.tiny_hf_moe().state_dict()
     for layout in ("update_ep1", "update_ep2"):
-        metrics, after = suite[0][layout]
+        metrics, after, grads = suite[0][layout]
         # Both ranks report the global norm; it is above clip_grad=0.1, so clipping is exercised.
         assert metrics["grad_norm"] == pytest.approx(reference_norm, rel=1e-5)
         assert suite[1][layout][0]["grad_norm"] == pytest.approx(reference_norm, rel=1e-5)
         assert reference_norm > hm.UPDATE["clip_grad"]
+        # The clipped gradient of every weight, reduced over DP and gathered over EP, is HF's: a first AdamW step
+        # moves weights by about lr * sign(grad), so the weights below alone would not see a gradient scaled wrongly.
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=f"{layout} {name}")
         for name, tensor in after.items():
             torch.testing.assert_close(tensor, reference[name], atol=1e-5, rtol=0, msg=f"{layout} {name}")
     # Adam moves every weight by about lr = 1e-3, two orders above the tolerance, so the comparison means something.
