@@ -17,14 +17,14 @@ SHARD_BYTES = 2 * 1024**3  # 2 GiB per file: bounds the host memory held while w
 
 
 def local_checkpoint_dir(name_or_path: str) -> str:
-    """A local directory as is; a Hugging Face Hub id downloaded (safetensors and JSON files only) into the HF cache,
-    or found there under HF_HUB_OFFLINE=1, as `from_pretrained` and vLLM resolve the same id."""
+    """A local directory as is; a Hugging Face Hub id downloaded into the HF cache (weights, config and tokenizer
+    files; no other weight formats), or found there under HF_HUB_OFFLINE=1, as `from_pretrained` and vLLM resolve it."""
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id=name_or_path, allow_patterns=["*.safetensors", "*.json"])
+        return snapshot_download(repo_id=name_or_path, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model"])
     except Exception as error:  # the hub's errors name neither the flag nor that a local path was possible
         raise FileNotFoundError(
             f"--actor.model_name_or_path {name_or_path!r} is neither a local directory nor a Hugging Face Hub model "
