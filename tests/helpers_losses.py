@@ -25,7 +25,7 @@ def reference_seq_loss(name: str, d: torch.Tensor, a: float, eps_low: float, eps
         return -a * torch.exp(d.sum() / n)
     if name == "gmpo_seq_clip":
         total = d.sum()
-        clipped = s * torch.minimum(s * total, s * total.clamp(-n * eps_low, n * eps_high))
+        clipped = s * torch.minimum(s * total, s * total.clamp(-eps_low, eps_high))  # the sum itself is bounded
         return -a * torch.exp(clipped / n)
     if name == "grpo":
         ratio = torch.exp(d)
@@ -99,11 +99,12 @@ def reference_metrics(name: str, log_probs, old_log_probs, advantages, mask, eps
             low, high = low + seq_low, high + seq_high
             all_clipped += int(seq_low + seq_high == n)
         elif name != "gmpo_no_clip":
-            mean = sum(d) / n
+            # gspo clips the mean log-ratio (the geometric-mean ratio) in ratio space; gmpo_seq_clip clips the sum
+            clipped_value = sum(d) / n if ratio_space else sum(d)
             lo_bound, hi_bound = (
                 (math.log(1 - eps_low), math.log(1 + eps_high)) if ratio_space else (-eps_low, eps_high)
             )
-            seq_low, seq_high = int(a < 0 and mean < lo_bound), int(a > 0 and mean > hi_bound)
+            seq_low, seq_high = int(a < 0 and clipped_value < lo_bound), int(a > 0 and clipped_value > hi_bound)
             low, high, all_clipped = low + seq_low, high + seq_high, all_clipped + seq_low + seq_high
     denominator = n_tokens if token_level else n_seqs
     return {

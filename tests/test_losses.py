@@ -92,9 +92,10 @@ def test_gmpo_no_clip_hand_computed():
 
 def test_gmpo_seq_clip_hand_computed():
     loss, m = run("gmpo_seq_clip", eps=0.1)
-    # seq 0: sum 0.6 > |o| eps_high = 3 * 0.1 -> 0.3, ratio e^(0.3/3) = e^0.1
-    # seq 1: sum -0.5 < -|o| eps_low = -2 * 0.1 -> -0.2, ratio e^(-0.2/2) = e^-0.1
-    assert close(loss, (-E(0.1) + E(-0.1)) / 2)
+    # The bound is on the sum itself (the authors' gmpo_seqclip), not on the mean:
+    # seq 0: sum 0.6 > eps_high = 0.1 -> 0.1, ratio e^(0.1/3)
+    # seq 1: sum -0.5 < -eps_low = -0.1 -> -0.1, ratio e^(-0.1/2)
+    assert close(loss, (-E(0.1 / 3) + E(-0.1 / 2)) / 2)
     # sequence-level counts: one of two sequences clipped high, one low; both sequences clipped
     assert close(m["clip_frac_high"], 0.5) and close(m["clip_frac_low"], 0.5) and close(m["seq_clip_frac"], 1.0)
 

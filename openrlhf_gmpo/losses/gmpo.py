@@ -72,21 +72,17 @@ def gmpo_no_clip(batch: SequenceBatch, *, eps_low: float, eps_high: float) -> Po
 
 @register_loss("gmpo_seq_clip")
 def gmpo_seq_clip(batch: SequenceBatch, *, eps_low: float, eps_high: float) -> PolicyLossTerms:
-    """Ablation: clip the summed log-ratio S_i = sum_t d_t one-sidedly, then divide by |o_i|.
+    """Ablation (Table 4): clip the summed log-ratio S_i = sum_t d_t one-sidedly at eps, then divide by |o_i|.
 
-    The bound on the sum is |o_i| * eps: S'_i = min(S_i, |o_i| eps_high) for A_i >= 0, max(S_i, -|o_i| eps_low) for
-    A_i < 0, and r_i = exp(S'_i / |o_i|). Scaling the bound by the length keeps the sequence ratio in the same range
-    [e^-eps_low, e^eps_high] as token-level clipping, so this ablation differs from GMPO only in *where* the clip acts
-    (on the whole sequence, keeping or zeroing every token's gradient together), not in how far the ratio may move;
-    a bound of eps on the sum itself would shrink the allowed geometric-mean move to eps/|o_i| and freeze long
-    sequences. Clip fractions are counted per sequence (low: A_i < 0 and S_i < -|o_i| eps_low; high: A_i > 0 and
-    S_i > |o_i| eps_high).
+    S'_i = min(S_i, eps_high) for A_i >= 0, max(S_i, -eps_low) for A_i < 0, r_i = exp(S'_i / |o_i|), as the GMPO
+    authors' `gmpo_seqclip` does. The bound is on the sum, not the mean: a sequence's geometric-mean ratio may move only
+    eps/|o_i| before the whole sequence loses its gradient, so long sequences freeze early; that is what the ablation
+    measures against token-level clipping. Clip fractions are counted per sequence (low: A_i < 0 and S_i < -eps_low;
+    high: A_i > 0 and S_i > eps_high).
     """
     total = batch.log_ratio.sum(dim=-1)  # (B,)
-    positive = batch.advantages >= 0
-    upper = torch.where(positive, batch.lengths * eps_high, torch.inf)
-    lower = torch.where(positive, -torch.inf, -batch.lengths * eps_low)
-    clipped = total.clamp(min=lower, max=upper)
+    lower, upper = one_sided_bounds(batch.advantages, -eps_low, eps_high)
+    clipped = total.clamp(min=lower.squeeze(-1), max=upper.squeeze(-1))
     seq_ratio = torch.exp(clipped / batch.safe_lengths)  # (B,)
     low, high = split_by_sign(batch.advantages, clipped != total)
     return PolicyLossTerms(-batch.advantages * seq_ratio, seq_ratio.detach(), low, high, "sequence")
