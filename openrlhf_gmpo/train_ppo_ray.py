@@ -1,4 +1,4 @@
-"""`python -m openrlhf_gmpo.train_ppo_ray [--preset X.yaml] [--backend deepspeed|megatron] [--dry-run] <OpenRLHF flags>`
+"""`python -m openrlhf_gmpo.train_ppo_ray [--preset X.yaml [--unset KEY]...] [--backend B] [--dry-run] <OpenRLHF flags>`
 
 Runs OpenRLHF 0.11's own train_ppo_ray (its parser, defaults, validation and training) with our policy losses
 accepted by `--actor.policy_loss_type` (gmpo, gmpo_no_clip, gmpo_seq_clip, gmpo_no_norm, grpo, gspo_ours, next to
@@ -27,6 +27,14 @@ def _launcher_parser() -> argparse.ArgumentParser:
         "--backend", choices=BACKENDS, help="policy training backend (default: the preset's, else deepspeed)"
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved command; start nothing")
+    parser.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="drop this key of the preset (repeatable): how to turn off a switch the preset sets, since OpenRLHF's "
+        "switches have no off form (e.g. --unset ds.packing_samples)",
+    )
     return parser
 
 
@@ -34,6 +42,11 @@ def build_plan(argv: list[str] | None = None) -> LaunchPlan:
     """Split our flags from OpenRLHF's and load the preset (no OpenRLHF import yet)."""
     ours, openrlhf_argv = _launcher_parser().parse_known_args(argv)
     preset = load_preset(ours.preset) if ours.preset else {}
+    for key in ours.unset:
+        if key not in preset:
+            where = f"preset {ours.preset}" if ours.preset else "no --preset"
+            raise SystemExit(f"--unset {key}: not a key of {where} (keys: {', '.join(preset) or 'none'})")
+        del preset[key]
     backend = ours.backend or preset.get("backend", "deepspeed")
     return LaunchPlan(openrlhf_argv, preset, ours.preset, backend, ours.dry_run)
 

@@ -95,6 +95,31 @@ def test_command_line_overrides_the_preset_and_the_command_shows_each_flag_once(
     assert plan.tokens[flag + 1 : flag + 3] == ["0.3", "0.25"]
 
 
+def test_abbreviated_flags_are_resolved_like_argparse_does():
+    path = os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml")
+    # OpenRLHF's parser accepts unique prefixes: the command must keep the abbreviation and drop the preset's flag.
+    plan = helpers_plugin.dry_run("--preset", path, "--actor.policy_loss", "grpo", "--ckpt.save_steps", "5")
+    assert plan.args.actor.policy_loss_type == "grpo"
+    assert "--actor.policy_loss_type" not in plan.tokens
+    flag = plan.tokens.index("--actor.policy_loss")
+    assert plan.tokens[flag + 1] == "grpo"
+    # ...also as the very first token of a command without a preset.
+    plan = helpers_plugin.dry_run(
+        "--actor.model_name", "m", "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm",
+        "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0", "--actor.policy_loss_type", "gmpo",
+    )  # fmt: skip
+    assert plan.args.actor.model_name_or_path == "m" and plan.tokens[:2] == ["--actor.model_name", "m"]
+
+
+def test_unset_turns_off_a_switch_the_preset_sets():
+    path = os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml")
+    assert helpers_plugin.dry_run("--preset", path).args.ds.packing_samples is True
+    plan = helpers_plugin.dry_run("--preset", path, "--unset", "ds.packing_samples")
+    assert plan.args.ds.packing_samples is False and "--ds.packing_samples" not in plan.tokens
+    with pytest.raises(SystemExit, match=r"--unset ds.packing: not a key of preset .*qwen2.5-math-7b_gmpo.yaml"):
+        helpers_plugin.dry_run("--preset", path, "--unset", "ds.packing")
+
+
 def test_dry_run_prints_the_resolved_command(capsys):
     helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "qwen3-30b-a3b_gmpo.yaml"))
     out = capsys.readouterr().out
@@ -137,6 +162,11 @@ BAD_PRESETS = {
     "token-level rollout correction with our loss": (
         BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.is_correction_level: token\n",
         "our losses support the rollout correction only as level seq",
+    ),
+    "sequence-level rollout correction in clip mode (OpenRLHF's PolicyLoss refuses it)": (
+        BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.is_correction_level: seq\n"
+        "algo.advantage.is_correction_mode: clip\n",
+        "--algo.advantage.is_correction_mode clip: OpenRLHF allows it only with is_correction_level token",
     ),
     "megatron flag without the megatron backend": (BASE + "megatron.ep: 8\n", "unknown key 'megatron.ep'"),
     "megatron backend with OpenRLHF's ppo loss": (

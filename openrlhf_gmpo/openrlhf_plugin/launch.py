@@ -107,17 +107,31 @@ def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
 def last_occurrences(parser, tokens: list[str]) -> list[str]:
     """The tokens with every flag but its last occurrence dropped (what argparse keeps), for a readable command.
 
-    Only called on tokens the parser accepted, so every token is a known flag or a value of the flag before it.
+    Only called on tokens the parser accepted, so every token is a known flag (or an abbreviation argparse accepted)
+    or a value of the flag before it.
     """
     segments: dict[str, list[str]] = {}
+    current: list[str] = []
     for token in tokens:
-        action = parser._option_string_actions.get(token.split("=", 1)[0])
+        action = _flag_action(parser, token)
         if action is not None:
             segments.pop(action.dest, None)  # re-inserted last, so the order follows the last occurrences
             segments[action.dest] = current = [token]
         else:
             current.append(token)
     return [token for segment in segments.values() for token in segment]
+
+
+def _flag_action(parser, token: str):
+    """The action a command-line token names: an exact flag, or a unique prefix of one (argparse's abbreviations)."""
+    if not token.startswith("--"):
+        return None
+    name = token.split("=", 1)[0]
+    actions = parser._option_string_actions
+    if name in actions:
+        return actions[name]
+    matches = {actions[flag] for flag in actions if flag.startswith(name)}
+    return matches.pop() if len(matches) == 1 else None
 
 
 def _check_preset_alone(source, parser, parse, tokens):
@@ -149,6 +163,13 @@ def validate_plugin_args(args, backend: str) -> None:
                 f"--algo.advantage.is_correction_level {adv.is_correction_level} / is_correction_gating "
                 f"{adv.is_correction_gating}: our losses support the rollout correction only as level seq with ratio "
                 "gating (a per-sequence truncated importance weight capped at the HIGH threshold)"
+            )
+        if adv.is_correction_level == "seq" and adv.is_correction_mode == "clip":
+            # OpenRLHF's own PolicyLoss, still built in every policy worker before ours replaces it, refuses this
+            # pair; caught here instead of after the cluster and vLLM have started.
+            raise SystemExit(
+                "--algo.advantage.is_correction_mode clip: OpenRLHF allows it only with is_correction_level token, "
+                "and our losses take level seq; use the default mode (mask)"
             )
         _check_one_advantage_per_sequence(args)
     if backend == "megatron":
