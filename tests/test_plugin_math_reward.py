@@ -26,6 +26,11 @@ def reward():
         ("\\boxed{x^{2} + 1}.", "x^{2}+1", 1.0),  # nested braces; spaces ignored
         ("\\boxed{3} then \\boxed{4}", "4", 1.0),  # the last box counts
         ("\\boxed{90^{\\circ}}", "90", 1.0),  # degree sign dropped
+        ("\\boxed{90^{\\circ}}", "90^\\circ", 1.0),  # in every spelling, on both sides
+        ("\\boxed{90°}", "90^\\circ", 1.0),
+        ("\\boxed{5\\text{ cm}}", "5", 1.0),  # a unit after the value is ignored
+        ("\\boxed{5\\text{ cm}}", "6", 0.0),
+        ("\\boxed{\\text{odd}}", "odd", 1.0),  # a \text{} answer with nothing before it is the answer
         ("\\boxed{\\text{(B)}}", "(B)", 1.0),  # \text{} unwrapped
         ("\\boxed{5}", "The sum is $\\boxed{5}$.", 1.0),  # a worked-solution label is reduced to its box
         ("\\boxed{0.5}", "\\frac{1}{2}", 0.0),  # textual, not symbolic: equivalent forms do not match

@@ -4,7 +4,8 @@ the response equals the label after light normalisation, else 0.
 OpenRLHF loads this file by path inside each rollout worker and calls `reward_func(queries, prompts, labels)`, each
 query being the decoded prompt + response. The label is the dataset's answer field (`answer` in MATH levels 3-5 and
 DeepScaleR); a label that is itself a worked solution is reduced to its last `\\boxed{}`. The comparison is textual
-(spaces, `\\left`/`\\right`, `\\dfrac`, `$`, a trailing period and `\\text{}` units are ignored), so it is stricter than
+(spaces, `\\left`/`\\right`, `\\dfrac`, `$`, a trailing period, degree marks and a `\\text{}` unit after a value are
+ignored; other `\\text{}` is unwrapped), so it is stricter than
 a symbolic verifier such as Math-Verify, which the paper used: equivalent answers written differently (0.5 vs 1/2)
 score 0 here. This file imports only the standard library and torch.
 """
@@ -33,10 +34,18 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced: the response was cut off inside the box
 
 
+_DEGREES = re.compile(r"\^\{?\\circ\}?|°")  # ^{\circ}, ^\circ, °
+_TRAILING_UNIT = re.compile(r"(.*\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}")  # "5\text{ cm}": the unit after a value
+_TEXT = re.compile(r"\\(?:text|mbox)\{([^{}]*)\}")
+
+
 def normalize(answer: str) -> str:
-    answer = answer.strip()
-    answer = re.sub(r"\\text\{([^{}]*)\}", r"\1", answer)
-    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^{\\circ}", "")
+    answer = _DEGREES.sub("", answer.strip())
+    unit = _TRAILING_UNIT.fullmatch(answer)
+    if unit is not None:
+        answer = unit.group(1)
+    answer = _TEXT.sub(r"\1", answer)  # what is left in \text{} is the answer itself, e.g. \text{(B)}
+    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     for token in _REMOVALS:
         answer = answer.replace(token, "")
     return answer.rstrip(".")
