@@ -63,6 +63,22 @@ def test_bad_input_names_the_argument(overrides, pattern):
         call(**overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, where",
+    [
+        ({"action_mask": torch.tensor([[1, 1, 1], [1, 2, 0]])}, "first at [1, 1]: 2"),
+        ({"log_probs": NAN_AT_VALID}, "first at [0, 1]: nan"),
+        ({"advantages": torch.tensor([1.0, float("inf")])}, "first at [1]: inf"),
+        ({"advantages": torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0]])}, "first in row 1: from 1.0 to 2.0"),
+    ],
+)
+def test_bad_input_error_says_where_and_what(overrides, where):
+    # The message names the first offending entry and its value, so a bad batch can be found in a long run's logs.
+    with pytest.raises(ValueError) as error:
+        call(**overrides)
+    assert str(error.value).endswith(f"({where})")
+
+
 def test_unknown_name():
     with pytest.raises(ValueError, match="unknown policy loss 'ppo'"):
         call("ppo")

@@ -5,6 +5,7 @@ single synchronisation per call rather than one per check.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,18 +69,25 @@ def _global_batch_size_tensor(global_batch_size, device) -> torch.Tensor | None:
     return torch.tensor(check_positive("global_batch_size", global_batch_size), device=device)
 
 
-# A fast check: (argument name, message, 0-d bool tensor that is True when the check fails). A message of None
-# means "some valid entry is NaN/inf", located entry by entry (and named) only when the fast check fires.
-Check = tuple[str, str | None, torch.Tensor]
+# A fast check: (argument name, message, 0-d bool tensor that is True when the check fails, where), `where` giving
+# the first offending entry in words, called only when the check failed. A message of None means "some valid entry
+# is NaN/inf", located entry by entry (and named) only when the fast check fires.
+Check = tuple[str, str | None, torch.Tensor, Callable[[], str] | None]
 
 
 def _raise_first_failure(checks: list[Check]) -> bool:
     """Raise for the first failed check with a message; True if a check without one failed. One host sync."""
-    flags = torch.stack([bad for _, _, bad in checks]).tolist()
-    for (name, message, _), bad in zip(checks, flags, strict=True):
+    flags = torch.stack([bad for _, _, bad, _ in checks]).tolist()
+    for (name, message, _, where), bad in zip(checks, flags, strict=True):
         if bad and message is not None:
-            raise ValueError(f"{name} {message}")
+            raise ValueError(f"{name} {message}" + (f" ({where()})" if where is not None else ""))
     return any(bad for bad in flags)
+
+
+def first_entry(bad: torch.Tensor, values: torch.Tensor) -> str:
+    """'first at [row, column]: value' (or '[row]' for 1-D) for the first True entry of `bad`."""
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    return f"first at {list(index)}: {values[index].item()!r}"
 
 
 def _boolean_mask(action_mask: torch.Tensor, checks: list[Check]) -> torch.Tensor:
@@ -90,7 +98,8 @@ def _boolean_mask(action_mask: torch.Tensor, checks: list[Check]) -> torch.Tenso
     else:  # OpenRLHF's action_mask is int64 0/1: one min/max pass suffices
         lowest, highest = torch.aminmax(action_mask)
         bad_values = (lowest < 0) | (highest > 1)
-    checks.append(("action_mask", "must hold only 0/1 (boolean-like) values", bad_values))
+    where = lambda: first_entry((action_mask != 0) & (action_mask != 1), action_mask)  # noqa: E731
+    checks.append(("action_mask", "must hold only 0/1 (boolean-like) values", bad_values, where))
     return action_mask != 0
 
 
@@ -100,18 +109,30 @@ def _sequence_advantages(
     """(B,) advantage per sequence, 0 where the sequence has no valid token; a (B, L) input must be constant."""
     adv = advantages.detach().float()
     if adv.dim() == 1:
-        checks.append(
-            ("advantages", "has NaN/inf for a sequence with valid tokens", (valid_seq & ~adv.isfinite()).any())
-        )
+        bad = valid_seq & ~adv.isfinite()
+        where = lambda: first_entry(bad, adv)  # noqa: E731
+        checks.append(("advantages", "has NaN/inf for a sequence with valid tokens", bad.any(), where))
         return torch.where(valid_seq, adv, 0.0)
     lowest = torch.where(mask, adv, torch.inf).amin(dim=-1)  # (B,), NaN propagates
-    spread = torch.where(mask, adv, -torch.inf).amax(dim=-1) - lowest
+    highest = torch.where(mask, adv, -torch.inf).amax(dim=-1)
+    spread = highest - lowest
     tol = ADVANTAGE_ATOL + ADVANTAGE_RTOL * lowest.abs()
-    checks.append(("advantages", "has NaN/inf at a valid (unmasked) position", (valid_seq & ~spread.isfinite()).any()))
+    not_finite = lambda: first_entry(mask & ~adv.isfinite(), adv)  # noqa: E731
     checks.append(
-        ("advantages", "must be constant over each sequence's valid tokens", (valid_seq & (spread > tol)).any())
+        ("advantages", "has NaN/inf at a valid (unmasked) position", (valid_seq & ~spread.isfinite()).any(), not_finite)
     )
+    varies = valid_seq & (spread > tol)
+
+    def which_row() -> str:
+        row = int(varies.nonzero()[0])
+        return f"first in row {row}: from {lowest[row].item()!r} to {highest[row].item()!r}"
+
+    checks.append(("advantages", "must be constant over each sequence's valid tokens", varies.any(), which_row))
     return torch.where(valid_seq, lowest, 0.0)
+
+
+def _locator(bad: torch.Tensor, values: torch.Tensor) -> Callable[[], str]:
+    return lambda: first_entry(bad, values.detach())
 
 
 def _check_shapes(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs) -> None:
@@ -151,31 +172,31 @@ def prepare_batch(
     # A masked sum is finite iff every valid entry is (bar an overflow of huge finite values, which the entry-by-entry
     # pass below then clears), so finiteness costs one reduction on the fast path.
     masked_diff = torch.where(mask, log_probs.float() - old_log_probs.detach().float(), 0.0)  # (B, L)
-    checks.append(("log_probs", None, ~masked_diff.detach().sum().isfinite()))
+    checks.append(("log_probs", None, ~masked_diff.detach().sum().isfinite(), None))
     seq_adv = _sequence_advantages(advantages, mask, lengths > 0, checks)
 
     rollout_log_ratio = None
     if rollout_log_probs is not None:
         rollout_diff = torch.where(mask, old_log_probs.detach().float() - rollout_log_probs.detach().float(), 0.0)
-        checks.append(("rollout_log_probs", None, ~rollout_diff.sum().isfinite()))
+        checks.append(("rollout_log_probs", None, ~rollout_diff.sum().isfinite(), None))
         rollout_log_ratio = rollout_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
 
     gbs = _global_batch_size_tensor(global_batch_size, log_probs.device)
     if isinstance(global_batch_size, torch.Tensor):
-        checks.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~gbs.isfinite()))
+        where = lambda: f"got {gbs.item()!r}"  # noqa: E731
+        checks.append(("global_batch_size", "must be finite and > 0", ~(gbs > 0) | ~gbs.isfinite(), where))
 
     if _raise_first_failure(checks):  # rare: a masked sum is not finite; locate the NaN/inf and name its argument
-        _raise_first_failure(
-            [
-                (name, "has NaN/inf at a valid (unmasked) position", (mask & ~t.detach().isfinite()).any())
-                for name, t in (
-                    ("log_probs", log_probs),
-                    ("old_log_probs", old_log_probs),
-                    ("rollout_log_probs", rollout_log_probs),
-                )
-                if t is not None
-            ]
-        )
+        located = []
+        for name, t in (
+            ("log_probs", log_probs),
+            ("old_log_probs", old_log_probs),
+            ("rollout_log_probs", rollout_log_probs),
+        ):
+            if t is not None:
+                bad = mask & ~t.detach().isfinite()
+                located.append((name, "has NaN/inf at a valid (unmasked) position", bad.any(), _locator(bad, t)))
+        _raise_first_failure(located)
 
     log_ratio = masked_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return SequenceBatch(log_ratio, mask, seq_adv, lengths), rollout_log_ratio, gbs
