@@ -13,7 +13,17 @@ RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", 
 # submit_preset PRESET [OPENRLHF_FLAG ...]
 # The calling script sets NODES, GPUS_PER_NODE, VLLM_TP (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated),
 # MODEL and DATASET; the flags after PRESET (the script's own, then the user's) override the preset and these.
+# OUT_DIR (default: ckpt/<preset name> in the repository) receives the final model, the resumable checkpoints and the
+# TensorBoard logs: an absolute path, because the job runs inside Ray's unpacked copy of the repository, where
+# OpenRLHF's relative defaults (./ckpt) would put every run into one temporary folder. On several nodes, use storage
+# they all share.
 submit_preset() {
+  local out_dir="${OUT_DIR:-$REPO_ROOT/ckpt/$(basename "$1" .yaml)}"
+  local outputs=(
+    --ckpt.output_dir "$out_dir"
+    --ckpt.path "$out_dir/checkpoints"
+    --logger.tensorboard_dir "$out_dir/tensorboard"
+  )
   local cluster=(
     --actor.num_nodes "$NODES"
     --actor.num_gpus_per_node "$GPUS_PER_NODE"
@@ -24,7 +34,7 @@ submit_preset() {
     --actor.model_name_or_path "$MODEL"
     --data.prompt_dataset "$DATASET"
   )
-  local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${cluster[@]}" "${inputs[@]}" "${@:2}")
+  local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${cluster[@]}" "${inputs[@]}" "${outputs[@]}" "${@:2}")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     (cd "$REPO_ROOT" && "${PYTHON:-python3}" "${launcher[@]}" --dry-run)
     return
