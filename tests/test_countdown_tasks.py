@@ -31,6 +31,18 @@ def test_every_task_is_solved_and_the_solution_scores_full():
         assert score(response, task.numbers, task.target) == 1.0
 
 
+def test_every_step_of_a_worked_solution_evaluates_to_what_it_says():
+    # "a op b=v": the left side parsed and evaluated exactly as the scorer does, equal to v (a fraction p/q included).
+    # 3 3 8 8 -> 24 goes through 8/3 and 1/3: its last step must read 8/(1/3), not 8/1/3 (= 8/3).
+    tasks = [task for task, _, _ in helpers_countdown.sample_texts()] + [CountdownTask((3, 3, 8, 8), 24)]
+    for task in tasks:
+        think = sft_response(task).split("<think>")[1].split("</think>")[0]
+        for step in think.split(","):
+            left, right = step.split("=")
+            assert evaluate(parse(left)) == evaluate(parse(right)), (task, step)
+    assert sft_response(CountdownTask((3, 3, 8, 8), 24)).startswith("<think>8/3=8/3,3-(8/3)=1/3,8/(1/3)=24</think>")
+
+
 def test_solver_hand_examples():
     # 28 from 44, 19, 35: (44+19)-35 passes through 63, (44-35)+19 only through 9 and 28 (largest value 44, the
     # input itself), so the simplest-tree rule (no fraction, no negative, smallest largest value) picks the latter.

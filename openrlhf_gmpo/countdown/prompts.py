@@ -24,14 +24,16 @@ def _format_value(value: int | Fraction) -> str:
 
 
 def _steps(tree: Tree, out: list[str]) -> str:
-    """Append one 'a op b=v' step per inner node (post-order) and return the text naming the tree's value."""
+    """Append one 'a op b=v' step per inner node (post-order) and return the text naming the tree's value as an
+    operand: a fraction or a negative value in parentheses, so that '8/(1/3)=24' reads as it evaluates."""
     if isinstance(tree, int):
         return str(tree)
     op, left, right = tree
     a, b = _steps(left, out), _steps(right, out)
-    value = _format_value(evaluate_tree(tree))
-    out.append(f"{a}{op}{b}={value}")
-    return value
+    value = evaluate_tree(tree)
+    text = _format_value(value)
+    out.append(f"{a}{op}{b}={text}")
+    return text if value.denominator == 1 and value >= 0 else f"({text})"
 
 
 def sft_response(task: CountdownTask) -> str:
