@@ -153,6 +153,19 @@ def test_cli_data_refuses_existing_output_unless_overwrite(tmp_path, capsys):
         main(argv)
     assert main([*argv, "--overwrite", "--seed", "1"]) == 0
     assert len(read_jsonl(out / "train.jsonl")) == 3
+    assert f"wrote {out / 'train.jsonl'}" in capsys.readouterr().out  # the final path, not the staging folder
+
+
+def test_cli_overwrite_that_fails_leaves_the_old_output(tmp_path):
+    out = tmp_path / "data"
+    argv = ["countdown", "data", "--out", str(out), "--train", "3", "--val", "1", "--sft", "2"]
+    assert main(argv) == 0
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    # Numbers 1..1 with 3 numbers per task allow too few distinct tasks: generation fails after the check of settings.
+    with pytest.raises(SystemExit, match="could draw only"):
+        main([*argv, "--overwrite", "--max-value", "1", "--train", "50"])
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind
 
 
 @pytest.mark.parametrize(

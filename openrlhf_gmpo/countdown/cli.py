@@ -7,6 +7,8 @@ openrlhf-gmpo countdown all --out runs/countdown --size tiny                   #
 
 import argparse
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_TRAIN, DEFAULT_VAL, DEFAULT_SFT = 10_000, 500, 10_000
@@ -58,15 +60,24 @@ def _add_model_options(parser, seed_flag: str) -> None:
     parser.add_argument(seed_flag, dest="model_seed", type=int, default=0, help="weight initialisation seed")
 
 
-def _prepare_out(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not overwrite:
-            raise SystemExit(f"countdown: output path {path} exists; pass --overwrite to replace it")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    path.mkdir(parents=True)
+@contextmanager
+def _staged_out(path: Path, overwrite: bool):
+    """Yield an empty folder next to `path` to write into; `path` is replaced by it only when the block succeeds,
+    so a failed or interrupted run leaves an existing output as it was."""
+    if path.exists() and not overwrite:
+        raise SystemExit(f"countdown: output path {path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    staging.rename(path)
 
 
 def _generator_settings(args) -> dict:
@@ -86,7 +97,8 @@ def _generator_settings(args) -> dict:
     return settings
 
 
-def _write_data(args, out: Path) -> None:
+def _write_data(args, out: Path, shown: Path) -> None:
+    """The data files into `out` (the staging folder), reported under `shown` (where they end up)."""
     from openrlhf_gmpo.countdown.data import write_datasets
 
     settings = _generator_settings(args)
@@ -95,10 +107,10 @@ def _write_data(args, out: Path) -> None:
     except ValueError as error:
         raise SystemExit(f"countdown data: {error}") from error
     for path in paths.values():
-        print(f"wrote {path}")
+        print(f"wrote {shown / Path(path).relative_to(out)}")
 
 
-def _write_model(args, out: Path) -> None:
+def _write_model(args, out: Path, shown: Path) -> None:
     from openrlhf_gmpo.countdown.model import build_model, save_checkpoint
     from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
 
@@ -112,34 +124,34 @@ def _write_model(args, out: Path) -> None:
     )
     count = sum(p.numel() for p in model.parameters())
     save_checkpoint(model, tokenizer, str(out))
-    print(f"wrote {out}: Qwen3MoeForCausalLM {args.size}, {count:,} parameters, vocab {len(tokenizer)}, bf16")
+    print(f"wrote {shown}: Qwen3MoeForCausalLM {args.size}, {count:,} parameters, vocab {len(tokenizer)}, bf16")
 
 
 def run_data(args: argparse.Namespace) -> int:
     _generator_settings(args)
-    _prepare_out(args.out, args.overwrite)
-    _write_data(args, args.out)
+    with _staged_out(args.out, args.overwrite) as out:
+        _write_data(args, out, args.out)
     return 0
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
     from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
 
-    _prepare_out(args.out, args.overwrite)
-    build_tokenizer().save_pretrained(args.out)
+    with _staged_out(args.out, args.overwrite) as out:
+        build_tokenizer().save_pretrained(out)
     print(f"wrote {args.out}")
     return 0
 
 
 def run_model(args: argparse.Namespace) -> int:
-    _prepare_out(args.out, args.overwrite)
-    _write_model(args, args.out)
+    with _staged_out(args.out, args.overwrite) as out:
+        _write_model(args, out, args.out)
     return 0
 
 
 def run_all(args: argparse.Namespace) -> int:
     _generator_settings(args)
-    _prepare_out(args.out, args.overwrite)
-    _write_data(args, args.out / "data")
-    _write_model(args, args.out / f"model-{args.size}")
+    with _staged_out(args.out, args.overwrite) as out:
+        _write_data(args, out / "data", args.out / "data")
+        _write_model(args, out / f"model-{args.size}", args.out / f"model-{args.size}")
     return 0
