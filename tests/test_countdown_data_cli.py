@@ -142,6 +142,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "x", "label": "{\\"numbers\\": [1]}"}\n')
     with pytest.raises(ValueError, match=rf"{path}:1: bad CountDown record"):
         load_tasks(path)
+    # Blank lines count: the bad record below is on line 3 of the file, the second record.
+    good = '{"prompt": "x", "label": "{\\"numbers\\": [1, 2, 3], \\"target\\": 6}"}'
+    path.write_text(good + '\n\n{"prompt": "x", "label": "{\\"numbers\\": [1]}"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:3: bad CountDown record"):
+        load_tasks(path)
 
 
 def test_cli_data_refuses_existing_output_unless_overwrite(tmp_path, capsys):

@@ -36,6 +36,11 @@ def write_jsonl(path: Path, records) -> None:
 
 def read_jsonl(path) -> list[dict]:
     """One JSON object per line (blank lines skipped); ValueError names the file and line of a bad one."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path) -> list[tuple[int, dict]]:
+    """(file line number, object) for every non-blank line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -47,14 +52,14 @@ def read_jsonl(path) -> list[dict]:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+            records.append((line_number, record))
     return records
 
 
 def load_tasks(path) -> list[CountdownTask]:
     """The tasks of an RL prompt file (train.jsonl / val.jsonl); errors name the file and line."""
     tasks = []
-    for line_number, record in enumerate(read_jsonl(path), start=1):
+    for line_number, record in _numbered_records(path):
         try:
             numbers, target = decode_label(record[LABEL_KEY])
         except (KeyError, ValueError) as error:
