@@ -124,6 +124,22 @@ def test_sft_script_dry_run_validates_with_openrlhf_parser(dry_run, data_dir):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("gpus, micro_batch", [("2", "64"), ("8", "32")])
+def test_sft_script_splits_the_batch_over_the_gpus(data_dir, gpus, micro_batch):
+    import os
+
+    # DeepSpeed requires batch = micro-batch x GPUs x accumulation: 256 = 64 x 2 x 2, 32 x 8 x 1.
+    env = dict(os.environ, DRY_RUN="1", N_GPUS=gpus, DATA_DIR=str(data_dir), PYTHON=str(REPO / ".venv/bin/python"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests/stub_site"), env.get("PYTHONPATH")) if p)
+    result = subprocess.run(["bash", str(SFT_SCRIPT)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    flags = _script_flags(result)
+    assert flags[flags.index("--train.micro_batch_size") + 1] == micro_batch
+    env["N_GPUS"] = "3"
+    refused = subprocess.run(["bash", str(SFT_SCRIPT)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "N_GPUS=3 must divide the batch of 256" in refused.stderr
+
+
 def test_sft_script_is_shellcheck_clean():
     result = subprocess.run([str(REPO / ".venv/bin/shellcheck"), str(SFT_SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -16,6 +16,14 @@ INIT_MODEL="${INIT_MODEL:-ckpt/countdown-200m-init}"     # from `openrlhf-gmpo c
 SAVE_PATH="${SAVE_PATH:-ckpt/countdown-200m-sft}"        # the RL scripts start from here
 PYTHON="${PYTHON:-python}"
 
+# DeepSpeed needs batch = micro-batch x GPUs x accumulation steps: split the 256 evenly, at most 64 per GPU step.
+BATCH=256
+if ((N_GPUS < 1 || BATCH % N_GPUS)); then
+  echo "countdown_200m_sft.sh: N_GPUS=$N_GPUS must divide the batch of $BATCH (1, 2, 4, 8, ...)" >&2
+  exit 2
+fi
+MICRO_BATCH=$((BATCH / N_GPUS < 64 ? BATCH / N_GPUS : 64))
+
 model_args=(
   --model.model_name_or_path "$INIT_MODEL"
   --model.aux_loss_coef 0.001                            # load balancing while the experts form from random init
@@ -29,8 +37,8 @@ data_args=(
   --data.max_len 128                                     # prompt ~26 tokens + worked solution <= ~60
 )
 train_args=(
-  --train.batch_size 256                                 # the paper's CountDown batch
-  --train.micro_batch_size 64
+  --train.batch_size "$BATCH"                            # the paper's CountDown batch
+  --train.micro_batch_size "$MICRO_BATCH"
   --train.max_epochs 10                                  # 10k traces: a from-scratch model needs many passes
   --train.seed 42
   --adam.lr 3e-4                                         # small model trained from scratch, not a fine-tune
