@@ -17,7 +17,7 @@ def chat(prompt, response=None):
 
 
 def test_vocabulary_is_small_and_has_pad_eos(tokenizer):
-    assert len(tokenizer) == 40  # 9 special + 28 characters + 3 reserved = 40, a multiple of 8
+    assert len(tokenizer) == 40  # 10 special + 28 characters + 2 reserved = 40, a multiple of 8
     assert tokenizer.pad_token == PAD and tokenizer.pad_token_id == 0
     assert tokenizer.eos_token == EOS
     assert tokenizer.bos_token is None
