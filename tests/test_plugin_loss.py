@@ -109,6 +109,20 @@ def test_metrics_join_the_training_step_status_under_gmpo_prefix():
     assert {f"gmpo/{key}" for key in metrics} <= set(status["metrics"])
 
 
+def test_clip_fractions_of_sequence_level_losses_are_sample_weighted():
+    from openrlhf_gmpo.losses.registry import clip_level
+
+    # gspo and gmpo_seq_clip count clipped sequences, the others clipped tokens (what each loss reports).
+    assert {name: clip_level(name) for name in ("gmpo", "gmpo_seq_clip", "gspo", "grpo")} == {
+        "gmpo": "token", "gmpo_seq_clip": "sequence", "gspo": "sequence", "grpo": "token"
+    }  # fmt: skip
+    for sequence_clip, weight in ((True, "sample"), (False, "token")):
+        status = {"metrics": {}, "weights": {}}
+        _, metrics = compute_policy_loss("gspo", **helpers_plugin.loss_inputs(), clip_eps_low=0.2, clip_eps_high=0.2)
+        loss_adapter.add_loss_metrics(status, metrics, sequence_clip)
+        assert status["weights"]["gmpo/clip_frac_low"] == status["weights"]["gmpo/clip_frac_high"] == weight
+
+
 def test_policy_actor_class_per_loss_and_backend():
     from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 

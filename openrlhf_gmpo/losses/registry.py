@@ -57,3 +57,12 @@ def get_loss(name: str) -> LossFn:
 
 def registered_names() -> tuple[str, ...]:
     return tuple(_LOSSES)
+
+
+def clip_level(name: str) -> str:
+    """What the loss's clip fractions count, "token" or "sequence", as the loss itself reports it (a 1-token call)."""
+    from openrlhf_gmpo.losses.inputs import SequenceBatch
+
+    one = torch.ones(1)
+    batch = SequenceBatch(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), one, one)
+    return get_loss(name)(batch, eps_low=0.2, eps_high=0.2).clip_level

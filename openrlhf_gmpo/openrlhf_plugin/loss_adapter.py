@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from openrlhf_gmpo.losses import LOSS_NAMES, compute_policy_loss
+from openrlhf_gmpo.losses.registry import clip_level
 
 # OpenRLHF's own loss types, served unchanged by its PolicyLoss. On a name clash OpenRLHF's meaning wins, so an
 # existing OpenRLHF script behaves the same under our launcher; our loss of that name gets the suffix "_ours".
@@ -42,6 +43,7 @@ FORWARD_PARAMETERS = (
 # logged *_min/*_max is the weighted mean of per-micro-batch extrema).
 METRIC_PREFIX = "gmpo/"
 SAMPLE_WEIGHTED_METRICS = ("seq_ratio_min", "seq_ratio_max", "seq_clip_frac", "rollout_is_weight_mean")
+SEQUENCE_CLIP_METRICS = ("clip_frac_low", "clip_frac_high")  # sample-weighted for losses that clip whole sequences
 
 
 def installed_policy_loss_contract() -> int:
@@ -152,16 +154,18 @@ def _rollout_mismatch(old_log_probs, rollout_log_probs, action_mask, cap: float)
     return vllm_kl, capped.sum() / valid.sum().clamp(min=1)
 
 
-def add_loss_metrics(status: dict, metrics: Mapping[str, torch.Tensor]) -> dict:
+def add_loss_metrics(status: dict, metrics: Mapping[str, torch.Tensor], sequence_clip: bool = False) -> dict:
     """Add our loss metrics to the status dict of ActorPPOTrainer.training_step, as `gmpo/<key>`.
 
     `status["metrics"]` / `status["weights"]` are what OpenRLHF's ppo_train reduces over micro-batches and DP ranks
-    and returns from `fit`, and what PPOTrainer logs as train/<key> to TensorBoard and W&B.
+    and returns from `fit`, and what PPOTrainer logs as train/<key> to TensorBoard and W&B. With `sequence_clip`
+    (a loss that clips whole sequences) the clip fractions are fractions of sequences, so they are sample-weighted too.
     """
+    sample_weighted = SAMPLE_WEIGHTED_METRICS + (SEQUENCE_CLIP_METRICS if sequence_clip else ())
     for key, value in metrics.items():
         name = METRIC_PREFIX + key
         status["metrics"][name] = value.detach()
-        status["weights"][name] = "sample" if key in SAMPLE_WEIGHTED_METRICS else "token"
+        status["weights"][name] = "sample" if key in sample_weighted else "token"
     return status
 
 
@@ -175,8 +179,10 @@ def install_policy_loss(trainer) -> OpenRLHFPolicyLoss:
     trainer.actor_loss_fn = loss_fn
     openrlhf_training_step = trainer.training_step
 
+    sequence_clip = clip_level(loss_fn.registry_name) == "sequence"
+
     def training_step(*args, **kwargs):
-        return add_loss_metrics(openrlhf_training_step(*args, **kwargs), loss_fn.last_metrics)
+        return add_loss_metrics(openrlhf_training_step(*args, **kwargs), loss_fn.last_metrics, sequence_clip)
 
     trainer.training_step = training_step
     return loss_fn
