@@ -2,6 +2,7 @@
 and argument parser."""
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from openrlhf_gmpo.cli import main
+from openrlhf_gmpo.countdown.cli import MARKER
 from openrlhf_gmpo.countdown.data import FILES, load_tasks, read_jsonl, write_datasets
 from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
 from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
@@ -169,7 +171,7 @@ def test_cli_data_refuses_existing_output_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "data"
     argv = ["countdown", "data", "--out", str(out), "--train", "3", "--val", "1", "--sft", "2"]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, MARKER])
     with pytest.raises(SystemExit, match=f"output path {out} exists; pass --overwrite"):
         main(argv)
     assert main([*argv, "--overwrite", "--seed", "1"]) == 0
@@ -187,6 +189,22 @@ def test_cli_overwrite_that_fails_leaves_the_old_output(tmp_path):
         main([*argv, "--overwrite", "--max-value", "1", "--train", "50"])
     assert {p.name: p.read_text() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind
+
+
+def test_cli_overwrite_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):
+    argv = ["countdown", "data", "--train", "3", "--val", "1", "--sft", "2", "--overwrite"]
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=f"replaces only a folder these commands wrote .*{mine} is not one"):
+        main([*argv, "--out", str(mine)])
+    assert (mine / "todo.txt").read_text() == "keep me"
+    # The current folder (or a parent of it) is never an output: "--out ." would replace the working directory.
+    monkeypatch.chdir(mine)
+    for out in (".", ".."):
+        with pytest.raises(SystemExit, match=f"--out {re.escape(out)} is the current folder or one of its parents"):
+            main([*argv, "--out", out])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and (mine / "todo.txt").is_file()
 
 
 @pytest.mark.parametrize(

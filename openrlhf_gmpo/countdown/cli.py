@@ -60,24 +60,38 @@ def _add_model_options(parser, seed_flag: str) -> None:
     parser.add_argument(seed_flag, dest="model_seed", type=int, default=0, help="weight initialisation seed")
 
 
+# Written into every output folder: --overwrite replaces only a folder that has it (or an empty one), so a mistyped
+# --out can never wipe a folder these commands did not write.
+MARKER = ".openrlhf-gmpo-countdown"
+
+
 @contextmanager
 def _staged_out(path: Path, overwrite: bool):
     """Yield an empty folder next to `path` to write into; `path` is replaced by it only when the block succeeds,
     so a failed or interrupted run leaves an existing output as it was."""
-    if path.exists() and not overwrite:
-        raise SystemExit(f"countdown: output path {path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    target, cwd = path.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise SystemExit(f"countdown: --out {path} is the current folder or one of its parents; name a new folder")
+    if target.exists():
+        if not overwrite:
+            raise SystemExit(f"countdown: output path {path} exists; pass --overwrite to replace it")
+        ours = target.is_dir() and ((target / MARKER).is_file() or not any(target.iterdir()))
+        if not ours:
+            raise SystemExit(
+                f"countdown: --overwrite replaces only a folder these commands wrote (it holds {MARKER}); "
+                f"{path} is not one, so it is left as it is: remove it yourself or choose another --out"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    staging.rename(path)
+    (staging / MARKER).write_text("written by openrlhf-gmpo countdown; its --overwrite may replace this folder\n")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
 
 
 def _generator_settings(args) -> dict:
