@@ -168,6 +168,12 @@ BAD_PRESETS = {
         "algo.advantage.is_correction_mode: clip\n",
         "--algo.advantage.is_correction_mode clip: OpenRLHF allows it only with is_correction_level token",
     ),
+    "colocated vLLM engines that do not cover the actor GPUs": (
+        BASE + "train.colocate_all: true\nactor.num_gpus_per_node: 16\nvllm.num_engines: 5\n"
+        "vllm.tensor_parallel_size: 3\n",
+        "--vllm.num_engines 5 x --vllm.tensor_parallel_size 3 = 15, but --actor.num_nodes 1 x "
+        "--actor.num_gpus_per_node 16 = 16",
+    ),
     "megatron flag without the megatron backend": (BASE + "megatron.ep: 8\n", "unknown key 'megatron.ep'"),
     "megatron backend with OpenRLHF's ppo loss": (
         BASE + "backend: megatron\nactor.policy_loss_type: ppo\n",

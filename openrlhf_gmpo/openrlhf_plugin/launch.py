@@ -149,6 +149,7 @@ def validate_plugin_args(args, backend: str) -> None:
     low, high = args.actor.eps_clip_low_high
     if not (low > 0 and high > 0):
         raise SystemExit(f"--actor.eps_clip_low_high: both clip bounds must be > 0, got {low} {high}")
+    _check_colocated_gpus(args)
     if args.actor.policy_loss_type in OUR_LOSS_TYPES:
         if args.actor.dual_clip is not None:
             raise SystemExit(f"--actor.dual_clip {args.actor.dual_clip}: dual clip is a PPO-loss option, not ours")
@@ -179,6 +180,20 @@ def validate_plugin_args(args, backend: str) -> None:
                 f"only ({', '.join(OUR_LOSS_TYPES)}); OpenRLHF's ppo/gspo run on --backend deepspeed"
             )
         _megatron_args_module().validate_megatron_args(args)
+
+
+def _check_colocated_gpus(args) -> None:
+    """OpenRLHF's own check, made in train() after Ray has started, so that a dry run catches it too."""
+    vllm, actor = args.vllm, args.actor
+    if args.train.colocate_all and not args.train.async_enable and vllm.num_engines:
+        actor_gpus, vllm_gpus = actor.num_nodes * actor.num_gpus_per_node, vllm.num_engines * vllm.tensor_parallel_size
+        if actor_gpus != vllm_gpus:
+            raise SystemExit(
+                f"--train.colocate_all: the vLLM engines must cover exactly the actor's GPUs: --vllm.num_engines "
+                f"{vllm.num_engines} x --vllm.tensor_parallel_size {vllm.tensor_parallel_size} = {vllm_gpus}, but "
+                f"--actor.num_nodes {actor.num_nodes} x --actor.num_gpus_per_node {actor.num_gpus_per_node} = "
+                f"{actor_gpus}"
+            )
 
 
 def _check_one_advantage_per_sequence(args) -> None:
