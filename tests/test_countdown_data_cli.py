@@ -184,8 +184,8 @@ def test_cli_overwrite_that_fails_leaves_the_old_output(tmp_path):
     argv = ["countdown", "data", "--out", str(out), "--train", "3", "--val", "1", "--sft", "2"]
     assert main(argv) == 0
     before = {p.name: p.read_text() for p in out.iterdir()}
-    # Numbers 1..1 with 3 numbers per task allow too few distinct tasks: generation fails after the check of settings.
-    with pytest.raises(SystemExit, match="could draw only"):
+    # Numbers 1..1 allow too few distinct tasks: generation fails inside the staging folder.
+    with pytest.raises(SystemExit, match="allow at most 24; raise max_value"):
         main([*argv, "--overwrite", "--max-value", "1", "--train", "50"])
     assert {p.name: p.read_text() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind

@@ -146,6 +146,19 @@ def check_settings(
         raise ValueError(f"max_target must be >= 0, got {max_target}")
 
 
+def task_space_bound(
+    min_numbers: int, max_numbers: int, min_value: int, max_value: int, min_target: int, max_target: int
+) -> int:
+    """An upper bound on the distinct tasks the settings allow: ordered number tuples times the targets they could
+    reach (an expression over numbers x_i >= 1 is at most prod(x_i + 1))."""
+    values = max_value - min_value + 1
+    total = 0
+    for count in range(min_numbers, max_numbers + 1):
+        highest = min(max_target, (max_value + 1) ** count)
+        total += values**count * max(0, highest - min_target + 1)
+    return total
+
+
 def generate_tasks(
     n: int,
     seed: int,
@@ -166,6 +179,12 @@ def generate_tasks(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_settings(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    bound = task_space_bound(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    if n > bound:  # fail now instead of after 100 * n fruitless draws (minutes to hours)
+        raise ValueError(
+            f"{n} distinct tasks asked for, but {min_numbers}-{max_numbers} numbers in {min_value}..{max_value} with "
+            f"targets {min_target}..{max_target} allow at most {bound}; raise max_value, max_numbers or max_target"
+        )
     rng = random.Random(seed)
     tasks: list[CountdownTask] = []
     seen: set[CountdownTask] = set()
@@ -196,5 +215,8 @@ def generate_tasks(
     if bar is not None:
         bar.close()
     if len(tasks) < n:
-        raise ValueError(f"could draw only {len(tasks)} distinct solvable tasks of the {n} asked for; widen the ranges")
+        raise ValueError(
+            f"could draw only {len(tasks)} distinct solvable tasks of the {n} asked for; raise max_value, max_numbers "
+            "or max_target"
+        )
     return tasks
