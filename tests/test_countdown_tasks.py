@@ -89,7 +89,9 @@ def test_impossible_settings_name_the_value(settings, message):
 def test_too_small_task_space_is_an_error_not_a_hang():
     # Numbers all 1, three of them: the only tuple is (1, 1, 1), which reaches {1, 2, 3}. The up-front bound allows
     # 1 tuple x 8 targets (an expression is at most prod(x_i + 1) = 8), so 5 tasks pass it and the draws find 3.
-    with pytest.raises(ValueError, match="could draw only 3 distinct solvable tasks of the 5 asked for; raise max_value"):
+    with pytest.raises(
+        ValueError, match="could draw only 3 distinct solvable tasks of the 5 asked for; raise max_value"
+    ):
         generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
     # Asking for more than the bound fails at once, naming the settings: numbers 1..3, 3-4 of them, reach at most
     # 27 x 64 + 81 x 100 = 9,828 tasks (the CLI's default 10,550 used to spin for minutes).

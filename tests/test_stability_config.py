@@ -38,6 +38,11 @@ def _parse(overrides: dict):
         ({"rl": {"mini_batch_size": 7}}, "rl.mini_batch_size (7) must divide the rollout batch"),
         ({"data": {"min_numbers": 4, "max_numbers": 3}}, "data.min_numbers (4) exceeds data.max_numbers (3)"),
         ({"data": {"train_tasks": 6}}, "rl.prompts_per_step (8) exceeds data.train_tasks (6)"),
+        ({"model": {"size": "huge"}}, "model.size: 'huge' is not one of 200m, tiny"),
+        (
+            {"algos": {"gmpo": {"loss": "gmpo", "clip_eps_low": 0.0, "clip_eps_high": 0.4}}},
+            "algos.gmpo.clip_eps_low: 0.0",
+        ),
         # an unknown loss names the algorithm and suggests the closest registered loss
         ({"algos": {"gmpo": {"loss": "gmop"}}}, "algos.gmpo.loss: unknown loss 'gmop'; did you mean 'gmpo'?"),
         ({"algos": {"gmpo": {"loss": "gmpo", "clip_eps": 0.4}}}, "unknown key 'algos.gmpo.clip_eps'"),
@@ -82,3 +87,10 @@ def test_an_algorithm_named_twice_is_refused(tmp_path):
     # Twice the same name would train it twice into one checkpoint (two processes with --parallel).
     with pytest.raises(SystemExit, match=re.escape("--algos 'gmpo,grpo,gmpo': gmpo named more than once")):
         cli_main(["stability", "--preset", "tiny", "--algos", "gmpo,grpo,gmpo", "--out", str(tmp_path)])
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: [1, 2\n")
+    with pytest.raises(ValueError, match=f"preset {re.escape(str(path))}: not valid YAML"):
+        load_preset(str(path))

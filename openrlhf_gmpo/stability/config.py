@@ -118,8 +118,8 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "rl.eval_every": (1, None),
     "rl.eval_tasks": (1, None),
     "rl.checkpoint_every": (1, None),
-    "algo.clip_eps_low": (0.0, 10.0),
-    "algo.clip_eps_high": (0.0, 10.0),
+    "algo.clip_eps_low": (1e-6, 10.0),  # the losses need a clip > 0
+    "algo.clip_eps_high": (1e-6, 10.0),
     "verdict.max_token_ratio": (1.0, None),
     "verdict.max_kl": (0.0, None),
     "verdict.val_accuracy_tolerance": (0.0, 1.0),
@@ -140,7 +140,10 @@ def resolve_preset_path(preset: str) -> Path:
 
 def load_preset(preset: str) -> StabilityConfig:
     path = resolve_preset_path(preset)
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"preset {path}: not valid YAML ({error})") from error
     return parse_config(raw, name=path.stem)
 
 
@@ -216,8 +219,11 @@ def _number(raw: dict, key: str, kind: type, where: str, range_key: str | None =
 
 
 def _check_relations(cfg: StabilityConfig) -> None:
+    from openrlhf_gmpo.countdown.model import SIZES
     from openrlhf_gmpo.losses import LOSS_NAMES
 
+    if cfg.model.size not in SIZES:
+        raise ValueError(f"model.size: {cfg.model.size!r} is not one of {', '.join(SIZES)}")
     if cfg.data.min_numbers > cfg.data.max_numbers:
         raise ValueError(f"data.min_numbers ({cfg.data.min_numbers}) exceeds data.max_numbers ({cfg.data.max_numbers})")
     if cfg.rl.rollout_batch_size % cfg.rl.mini_batch_size:
