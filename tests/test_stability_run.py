@@ -69,6 +69,8 @@ def test_cli_run_writes_every_output(cli_run):
 
     report = (out / "report.md").read_text()
     assert "## gmpo:" in report and "## grpo:" in report and "| token ratio max |" in report
+    # 20 SFT steps leave the mini model short of the preset's 0.2 accuracy: the report says so next to the numbers
+    assert "- warm start reached the expected accuracy: False" in report
     for name in ("ratio_range.png", "training_curves.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,6 +97,13 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
     warm = warm_start(
         engine, tokenizer, cfg, train_tasks, eval_tasks, cache_path(cfg, opts.cache_dir, opts.engine, device), log=log
     )
+    if warm["val_accuracy"] < cfg.sft.min_val_accuracy:
+        # Not fatal (the run still shows how the losses behave), but groups without a correct sample have zero
+        # advantage, so RL from here says little; the report repeats this.
+        log(
+            f"WARNING: warm-start val accuracy {warm['val_accuracy']:.3f} is below sft.min_val_accuracy "
+            f"{cfg.sft.min_val_accuracy}: RL will see few rewarded samples; raise sft.steps or sft.lr"
+        )
     return Prepared(tokenizer, train_tasks, eval_tasks, engine, warm, device)
 
 
@@ -176,6 +183,7 @@ def write_results(
         "warm-start val accuracy": warm["val_accuracy"],
         "warm-start val reward": warm["val_reward"],
         "warm-start accuracy expected (preset)": cfg.sft.min_val_accuracy,
+        "warm start reached the expected accuracy": warm["val_accuracy"] >= cfg.sft.min_val_accuracy,
         "wall time of this command (s)": time.perf_counter() - started,
     }
     write_outputs(out_dir, records_by_algo, verdicts, header, cfg)
