@@ -127,12 +127,16 @@ def main(argv=None) -> int:
     if not path.is_file():
         raise SystemExit(f"--model-json {args.model_json}: no such file")
     result = json.loads(path.read_text())
+    missing = {"shape", "rows", "decoder_layer"} - set(result)
+    if missing:
+        raise SystemExit(f"--model-json {path}: not a bench_moe_model.py result (no {', '.join(sorted(missing))})")
     check_shape(result, args.allow_small)
     projection = project(
         result, megatron_case(result, args.case), args.a2a_gbps, args.gen_tokens_per_s, args.peak_tflops
     )
     print_projection(projection)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(projection, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -64,8 +64,11 @@ def test_cli_refuses_a_small_run_and_writes_json(tmp_path, capsys):
         project_30b.main(["--model-json", str(tmp_path / "small.json")])
     with pytest.raises(SystemExit, match="missing.json: no such file"):
         project_30b.main(["--model-json", str(tmp_path / "missing.json")])
+    (tmp_path / "layer.json").write_text(json.dumps({"rows": [], "goals": []}))  # bench_moe_layer's, by mistake
+    with pytest.raises(SystemExit, match="not a bench_moe_model.py result"):
+        project_30b.main(["--model-json", str(tmp_path / "layer.json")])
     (tmp_path / "full.json").write_text(json.dumps(measured()))
-    out = tmp_path / "projection.json"
+    out = tmp_path / "new" / "projection.json"  # its folder is created
     assert project_30b.main(["--model-json", str(tmp_path / "full.json"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["train_tokens_per_s_per_gpu"] == pytest.approx(1 / 49e-6)
     assert "compute only" in capsys.readouterr().out

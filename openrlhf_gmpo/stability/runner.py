@@ -74,6 +74,9 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
     if unknown:
         raise SystemExit(f"--algos: {unknown[0]!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
     device = resolve_device(opts.device)
+    log(f"preset {cfg.name} ({cfg.model.size} model) on {device}, engine {opts.engine}, output {opts.out_dir}")
+    if device == "cpu" and cfg.model.size != "tiny":
+        log(f"WARNING: the {cfg.model.size} model is sized for one GPU; on CPU expect hours")
     state.set_determinism(cfg.threads, device)
     out_dir = opts.out_dir
     if opts.fresh and out_dir.exists():

@@ -18,7 +18,7 @@ PYTHON="${PYTHON:-python}"
 
 # DeepSpeed needs batch = micro-batch x GPUs x accumulation steps: split the 256 evenly, at most 64 per GPU step.
 BATCH=256
-if ((N_GPUS < 1 || BATCH % N_GPUS)); then
+if [[ ! "$N_GPUS" =~ ^[0-9]+$ ]] || ((N_GPUS < 1 || BATCH % N_GPUS)); then
   echo "countdown_200m_sft.sh: N_GPUS=$N_GPUS must divide the batch of $BATCH (1, 2, 4, 8, ...)" >&2
   exit 2
 fi
@@ -63,6 +63,10 @@ launch=(deepspeed --num_gpus "$N_GPUS" --module openrlhf.cli.train_sft "${train_
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   printf '%q ' "${launch[@]}"
   printf '\n'
+  # The dry run checks the flags only; say so when the inputs it names are not there (yet).
+  for input in "$DATA_DIR/sft_train.jsonl" "$INIT_MODEL"; do
+    [[ -e "$input" ]] || echo "note: $input does not exist (relative paths are from $(pwd))" >&2
+  done
   exec "$PYTHON" -m openrlhf_gmpo.countdown.check_sft_args "${train_sft_args[@]}"
 fi
 exec "${launch[@]}"
