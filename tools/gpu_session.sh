@@ -172,17 +172,15 @@ gpu_tests() {
 kernel_bench() {
   # Most telling first: the MoE layer table (issue 7's goals), then the profile of where its time goes, the whole
   # model, and the loss. Every script runs whatever the others did; the phase fails if any did.
-  local failed=() small=() size=(--device "$DEVICE" --batch 512 --length 8192 --repeats 20 --warmup 5)
+  local failed=() small=() profile=() size=(--device "$DEVICE" --batch 512 --length 8192 --repeats 20 --warmup 5)
   if ((SMALL)); then
     small=(--device "$DEVICE" --small)
+    profile=("${small[@]}" --dtype fp32)
     size=(--device "$DEVICE" --batch 8 --length 64 --repeats 2 --warmup 1)
   fi
   bounded 150 "$PYTHON" bench/bench_moe_layer.py "${small[@]}" --json "$OUT/moe_layer.json" || failed+=(moe_layer)
-  if ((SMALL)); then
-    bounded 90 "$PYTHON" bench/profile_moe_layer.py "${small[@]}" --dtype fp32 --json "$OUT/profile_moe_layer.json"
-  else
-    bounded 90 "$PYTHON" bench/profile_moe_layer.py --json "$OUT/profile_moe_layer.json"
-  fi || failed+=(profile_moe_layer)
+  bounded 90 "$PYTHON" bench/profile_moe_layer.py "${profile[@]}" --json "$OUT/profile_moe_layer.json" ||
+    failed+=(profile_moe_layer)
   bounded 150 "$PYTHON" bench/bench_moe_model.py "${small[@]}" --json "$OUT/moe_model.json" || failed+=(moe_model)
   bounded 90 "$PYTHON" bench/bench_losses.py "${size[@]}" --json "$OUT/losses.json" || failed+=(losses)
   ls -l "$OUT"/*.json

@@ -7,6 +7,7 @@ single synchronisation per call rather than one per check.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -110,8 +111,9 @@ def _sequence_advantages(
     adv = advantages.detach().float()
     if adv.dim() == 1:
         bad = valid_seq & ~adv.isfinite()
-        where = lambda: first_entry(bad, adv)  # noqa: E731
-        checks.append(("advantages", "has NaN/inf for a sequence with valid tokens", bad.any(), where))
+        checks.append(
+            ("advantages", "has NaN/inf for a sequence with valid tokens", bad.any(), partial(first_entry, bad, adv))
+        )
         return torch.where(valid_seq, adv, 0.0)
     lowest = torch.where(mask, adv, torch.inf).amin(dim=-1)  # (B,), NaN propagates
     highest = torch.where(mask, adv, -torch.inf).amax(dim=-1)
@@ -129,10 +131,6 @@ def _sequence_advantages(
 
     checks.append(("advantages", "must be constant over each sequence's valid tokens", varies.any(), which_row))
     return torch.where(valid_seq, lowest, 0.0)
-
-
-def _locator(bad: torch.Tensor, values: torch.Tensor) -> Callable[[], str]:
-    return lambda: first_entry(bad, values.detach())
 
 
 def _check_shapes(log_probs, old_log_probs, advantages, action_mask, rollout_log_probs) -> None:
@@ -195,7 +193,8 @@ def prepare_batch(
         ):
             if t is not None:
                 bad = mask & ~t.detach().isfinite()
-                located.append((name, "has NaN/inf at a valid (unmasked) position", bad.any(), _locator(bad, t)))
+                where = partial(first_entry, bad, t.detach())
+                located.append((name, "has NaN/inf at a valid (unmasked) position", bad.any(), where))
         _raise_first_failure(located)
 
     log_ratio = masked_diff.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)

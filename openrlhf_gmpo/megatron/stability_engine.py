@@ -17,11 +17,11 @@ in one process.
 - megatron-core runs on CPU only with test-only patches (tests/helpers_megatron.py), so production runs need CUDA.
 """
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
-from openrlhf_gmpo.stability.engine import LossFn, TokenBatch, TokenScores
+from openrlhf_gmpo.stability.engine import EngineSettings, LossFn, TokenBatch, TokenScores
 from openrlhf_gmpo.stability.hf_engine import HFEngine
 
 
@@ -40,17 +40,8 @@ class StabilityEngine:
     # Tests set this after installing the CPU shims of tests/helpers_megatron.py; package code never patches torch.
     allow_cpu = False
 
-    def __init__(
-        self,
-        *,
-        model_size: str,
-        vocab_size: int,
-        seed: int,
-        device: str,
-        eos_id: int,
-        pad_id: int,
-        decode_cache: str = "dynamic",
-    ):
+    def __init__(self, **settings: Unpack[EngineSettings]):
+        device, seed = settings["device"], settings["seed"]
         self.device = torch.device(device)
         # On a CUDA machine megatron-core puts the model on the GPU whatever --device says, so CPU needs both the
         # test switch and no GPU.
@@ -68,8 +59,7 @@ class StabilityEngine:
         # HFEngine builds the HF model with countdown.model.build_model(model_size, vocab_size, seed); the GPTModel
         # starts from the same weights (bf16-rounded on CUDA, as HFEngine's own model).
         # The HF copy only generates and reports stats: it needs no fp32 master weights (0.8 GB on the 200m model).
-        self.hf = HFEngine(model_size=model_size, vocab_size=vocab_size, seed=seed, device=device, eos_id=eos_id,
-                           pad_id=pad_id, decode_cache=decode_cache, master_weights=False)  # fmt: skip
+        self.hf = HFEngine(**settings, master_weights=False)
         self.hf_config = self.hf.model.config
         self.sizes = ParallelSizes(1)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

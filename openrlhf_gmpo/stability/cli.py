@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from openrlhf_gmpo.stability.config import DECODE_CACHES
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--decode-cache",
         default=None,
-        choices=["dynamic", "static"],
+        choices=DECODE_CACHES,
         help="override the preset's rl.decode_cache (static: fixed KV cache, decode step compiled on CUDA)",
     )
     parser.add_argument(
