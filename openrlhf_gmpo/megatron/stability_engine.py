@@ -23,6 +23,7 @@ import torch
 
 from openrlhf_gmpo.stability.engine import EngineSettings, LossFn, TokenBatch, TokenScores
 from openrlhf_gmpo.stability.hf_engine import HFEngine
+from openrlhf_gmpo.stability.master_adamw import MasterAdamW
 
 
 class _MasterWeights:
@@ -67,19 +68,10 @@ class StabilityEngine:
         load_hf_weights(self.gpt, self.hf.model.state_dict(), self.hf_config)
         self.ddp = wrap_ddp(self.gpt)
         self.params = list(self.gpt.parameters())
-        # fp32 master copies only when the parameters are not fp32
-        self.master = None
-        if self.dtype != torch.float32:
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = MasterAdamW(self.params)  # fp32 master copies only when the parameters are not fp32
         self.hf_names = {name for name, _ in self.hf.model.named_parameters()}  # HFEngine.model_state's keys
         self.reference = None
-        self.optimizer = None
-        self.grad_clip = None
         self.hf_stale = False  # True when the policy changed after the HF copy was last refreshed
-
-    @property
-    def _trained(self) -> list[torch.Tensor]:
-        return self.master if self.master is not None else self.params
 
     # ---- generation and scoring -------------------------------------------------------------------------------
     def _refresh_hf(self) -> None:
@@ -124,32 +116,20 @@ class StabilityEngine:
 
     # ---- training -------------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float, weight_decay: float, grad_clip: float) -> None:
-        self.optimizer = torch.optim.AdamW(self._trained, lr=lr, weight_decay=weight_decay)
-        self.grad_clip = grad_clip
+        self.opt.reset(lr, weight_decay, grad_clip)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.opt.set_lr(lr)
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
-        if self.optimizer is None:
-            raise RuntimeError("train_step needs reset_optimizer() first")
         self.ddp.train()
         self.ddp.zero_grad_buffer()
         loss, metrics = loss_fn(self._log_probs(self.ddp, batch))
         loss.backward()  # DDP's hooks accumulate each gradient into the parameter's fp32 main_grad
         self.ddp.finish_grad_sync()
-        for trained, param in zip(self._trained, self.params, strict=True):
-            trained.grad = param.main_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._trained, self.grad_clip)  # returns the norm before clipping
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.master is not None:
-            with torch.no_grad():
-                for master, param in zip(self.master, self.params, strict=True):
-                    param.copy_(master)
+        grad_norm = self.opt.step([param.main_grad for param in self.params])
         self.hf_stale = True
-        return float(grad_norm), {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+        return grad_norm, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
 
     def freeze_reference(self) -> None:
         from openrlhf_gmpo.megatron.model import build_gpt_model
@@ -165,7 +145,7 @@ class StabilityEngine:
     # ---- state ----------------------------------------------------------------------------------------------------
     def _weights(self):
         """What the HF mapping reads: the fp32 master weights when there are any, the parameters otherwise."""
-        return self.gpt if self.master is None else _MasterWeights(self.gpt, self.master)
+        return self.gpt if self.opt.master is None else _MasterWeights(self.gpt, self.opt.master)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         from openrlhf_gmpo.megatron.weights import iter_hf_weights
@@ -183,15 +163,15 @@ class StabilityEngine:
             missing, extra = sorted(self.hf_names - set(state)), sorted(set(state) - self.hf_names)
             raise ValueError(f"model state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
         load_hf_weights(self.gpt, state, self.hf_config)
-        if self.master is not None:
+        if self.opt.master is not None:
             load_hf_weights(self._weights(), state, self.hf_config)
         self.hf_stale = True
 
     def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return self.opt.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        self.opt.load_state_dict(state)
 
 
 def _init_single_process(device: torch.device, seed: int) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from openrlhf_gmpo.stability.config import DECODE_CACHES
 from openrlhf_gmpo.stability.engine import LossFn, TokenBatch, TokenScores
+from openrlhf_gmpo.stability.master_adamw import MasterAdamW
 from openrlhf_gmpo.stability.rl_math import router_load_stats, token_entropy
 
 PROMPT_BUCKET = 16  # static decoding pads prompts to a multiple of this: each distinct width is one more compiled graph
@@ -52,13 +53,8 @@ class HFEngine:
             model.set_experts_implementation("grouped_mm")
         self.model = model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # fp32 master copies only when the model itself is not fp32
-        self.master = None
-        if master_weights and self.params[0].dtype != torch.float32:
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = MasterAdamW(self.params, master_weights)  # fp32 masters only when the model is not fp32
         self.reference = None
-        self.optimizer = None
-        self.grad_clip = None
         self.top_k = model.config.num_experts_per_tok
 
     # ---- generation and scoring -------------------------------------------------------------------------------
@@ -140,36 +136,19 @@ class HFEngine:
 
     # ---- training -------------------------------------------------------------------------------------------------
     def reset_optimizer(self, lr: float, weight_decay: float, grad_clip: float) -> None:
-        trained = self.master if self.master is not None else self.params
-        # torch's default: multi-tensor (foreach) kernels on CUDA, one parameter at a time on CPU (exact resume there)
-        self.optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
-        self.grad_clip = grad_clip
+        self.opt.reset(lr, weight_decay, grad_clip)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.opt.set_lr(lr)
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
-        if self.optimizer is None:
-            raise RuntimeError("train_step needs reset_optimizer() first")
         self.model.train()
         log_probs, _, _ = self._forward(self.model, batch, with_router=False)
         loss, metrics = loss_fn(log_probs)
         loss.backward()
-        trained = self.params
-        if self.master is not None:
-            for master, param in zip(self.master, self.params, strict=True):
-                master.grad = None if param.grad is None else param.grad.float()
-            trained = self.master
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, self.grad_clip)  # returns the norm before clipping
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.opt.step([param.grad for param in self.params])
         self.model.zero_grad(set_to_none=True)
-        if self.master is not None:
-            with torch.no_grad():
-                for master, param in zip(self.master, self.params, strict=True):
-                    param.copy_(master)
-        return float(grad_norm), {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+        return grad_norm, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
 
     def freeze_reference(self) -> None:
         self.reference = copy.deepcopy(self.model).eval()
@@ -178,7 +157,7 @@ class HFEngine:
     # ---- state ----------------------------------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        source = self.master if self.master is not None else self.params
+        source = self.opt.trained
         return {n: t.detach().float().cpu().clone() for n, t in zip(names, source, strict=True)}
 
     def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -189,11 +168,11 @@ class HFEngine:
         with torch.no_grad():
             for i, (name, param) in enumerate(named):
                 param.copy_(state[name])
-                if self.master is not None:
-                    self.master[i].copy_(state[name])
+                if self.opt.master is not None:
+                    self.opt.master[i].copy_(state[name])
 
     def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        return self.opt.state_dict()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        self.opt.load_state_dict(state)
