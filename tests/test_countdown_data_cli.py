@@ -2,8 +2,11 @@
 and argument parser."""
 
 import json
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,6 +192,26 @@ def test_cli_overwrite_that_fails_leaves_the_old_output(tmp_path):
         main([*argv, "--overwrite", "--max-value", "1", "--train", "50"])
     assert {p.name: p.read_text() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind
+
+
+def test_cli_removes_the_staging_folder_of_a_killed_run_and_keeps_a_live_ones(tmp_path):
+    out = tmp_path / "data"
+    argv = ["countdown", "data", "--out", str(out), "--train", "3", "--val", "1", "--sft", "2"]
+    # A real run killed with SIGKILL mid-write: no cleanup code runs, its staging folder stays behind.
+    big = ["countdown", "data", "--out", str(out), "--train", "1000000"]
+    killed = subprocess.Popen([sys.executable, "-m", "openrlhf_gmpo", *big])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".data.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    (left,) = tmp_path.glob(".data.partial-*")
+    # A staging folder of a process that is still running (this one) is another run's work in progress.
+    live = tmp_path / f".data.partial-{os.getpid()}-inprogress"
+    live.mkdir()
+    assert main(argv) == 0
+    assert not left.exists() and live.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, MARKER])
 
 
 def test_cli_overwrite_never_replaces_a_folder_it_did_not_write(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ openrlhf-gmpo countdown all --out runs/countdown --size tiny                   #
 """
 
 import argparse
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -82,7 +83,8 @@ def _staged_out(path: Path, overwrite: bool):
                 f"{path} is not one, so it is left as it is: remove it yourself or choose another --out"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    _remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield staging
     except BaseException:
@@ -92,6 +94,29 @@ def _staged_out(path: Path, overwrite: bool):
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove staging folders for `target` left by a run that was killed (SIGKILL or SIGTERM skip the cleanup above).
+
+    Each staging folder's name holds the pid that writes it; one whose process is gone is stale. A live writer's
+    folder is left alone, so two runs aimed at the same --out never delete each other's work.
+    """
+    for folder in target.parent.glob(f".{target.name}.partial-*"):
+        pid = folder.name.removeprefix(f".{target.name}.partial-").split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            print(f"countdown: removing {folder}, left by an interrupted run (process {pid})")
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _generator_settings(args) -> dict:
