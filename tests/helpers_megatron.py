@@ -275,6 +275,24 @@ def _update(hf, sizes, batch, rank, routing_replay=False):
     return metrics, weights, {n: t.clone() for n, t in iter_hf_weights(_Gradients(model), hf.config)}
 
 
+def _optimizer_process_groups(hf, sizes):
+    """The process groups megatron's optimizer asks for before anything else (on GPU; its optimizers need CUDA).
+
+    `get_megatron_optimizer` runs this with `use_gloo_process_groups=True` by default: it needs gloo twins of the
+    data-parallel groups, for its checkpoint gathers, and asserts if `initialize_parallel_state` did not create them.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.train import wrap_ddp
+
+    initialize_parallel_state(sizes)
+    ddp = wrap_ddp(build_gpt_model(hf.config, sizes))
+    groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, [ddp], use_gloo_process_groups=True)
+    return {name: group.size() for name, group in groups.items() if name.endswith("_gloo") and group is not None}
+
+
 def _routing_replay_check(hf, sizes, batch):
     """Record routing with the HF router weights, then compare passes after changing the routers."""
     from openrlhf_gmpo.megatron import routing_replay
@@ -334,6 +352,7 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
         "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
+        "optimizer_groups_ep2": _optimizer_process_groups(moe, ParallelSizes(world_size, ep=2)),
     }
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -377,7 +396,7 @@ class _Gradients:
         return ((name, param.main_grad) for name, param in self.model.named_parameters())
 
 
-def _experience(batch, rows, old_log_probs):
+def experience(batch, rows, old_log_probs):
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     advantages = batch["advantages"][rows, None] * batch["action_mask"][rows]  # OpenRLHF's are per token
@@ -393,7 +412,7 @@ def _experience(batch, rows, old_log_probs):
 
 def experience_for_rank(rank: int, old_log_probs: torch.Tensor):
     """OpenRLHF's chunk for data-parallel rank `rank` of `policy_batch()`, as one Experience (2 sequences)."""
-    return _experience(policy_batch(), [2 * rank, 2 * rank + 1], old_log_probs)
+    return experience(policy_batch(), [2 * rank, 2 * rank + 1], old_log_probs)
 
 
 def forward_chunk(rank: int) -> dict:

@@ -84,6 +84,8 @@ def actor_run(tmp_path_factory):
         results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])
         _step(resumed, results["resumed"])  # the same second step after the resume
         results["resumed_second"] = _forward(resumed)
+        results["partial_status"] = _partial_step(resumed, results["resumed_second"])
+        results["after_partial"] = _forward(resumed)
     finally:
         ray.shutdown()
     return results, tmp
@@ -91,6 +93,15 @@ def actor_run(tmp_path_factory):
 
 def _step(actors, old):
     ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
+    return ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+
+
+def _partial_step(actors, old):
+    """The last rollout of a pass over the prompts can be smaller than one optimizer step (here 1 sample per rank,
+    the step takes 2): the actors skip the update instead of stopping the job."""
+    batch = hm.policy_batch()
+    refs = [a.append.remote(hm.experience(batch, [2 * rank], old[rank][:1])) for rank, a in enumerate(actors)]
+    ray.get(refs)
     return ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
 
 
@@ -160,6 +171,10 @@ def test_save_model_writes_a_loadable_hf_checkpoint(actor_run):
     _, tmp = actor_run
     _, _, reference_state, _ = _reference()
     saved = Qwen3MoeForCausalLM.from_pretrained(str(tmp / "hf_out"), dtype=torch.float32).state_dict()
+    # the pretrained model's sampling defaults travel with it, as with OpenRLHF's save_pretrained
+    assert (tmp / "hf_out" / "generation_config.json").read_text() == (
+        tmp / "pretrain" / "generation_config.json"
+    ).read_text()
     assert saved.keys() == reference_state.keys()
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, reference_state[name], atol=1e-5, rtol=0, msg=name)
@@ -175,6 +190,15 @@ def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
         # The step after the resume is the uninterrupted run's second step: optimizer state restored too.
         torch.testing.assert_close(results["resumed_second"][rank], results["second"][rank], atol=0, rtol=0)
         assert (results["second"][rank] - results["new"][rank]).abs().max() > 1e-3  # the second step moved
+
+
+def test_fit_skips_the_update_when_a_rank_has_less_than_one_step(actor_run):
+    results, _ = actor_run
+    for rank in range(2):
+        status = results["partial_status"][rank]
+        assert status["update_skipped"] == 1.0 and status["actor_lr"] == LR
+        assert status["reward"] == pytest.approx((1.0 + 0.7) / 2)  # rows 0 and 2 of policy_batch, averaged over DP
+        torch.testing.assert_close(results["after_partial"][rank], results["resumed_second"][rank], atol=0, rtol=0)
 
 
 @pytest.mark.skip(

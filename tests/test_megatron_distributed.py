@@ -103,6 +103,12 @@ def test_routing_replay_reuses_recorded_experts(suite):
         assert replay["negated"] > 1e-2
 
 
+def test_megatron_optimizer_finds_its_gloo_data_parallel_groups(suite):
+    # At EP=2 on 2 ranks: dense parameters are data-parallel over both ranks, each expert lives on one rank only.
+    for rank in (0, 1):
+        assert suite[rank]["optimizer_groups_ep2"] == {"intra_dp_cp_group_gloo": 2, "intra_expt_dp_group_gloo": 1}
+
+
 def test_left_align_moves_each_rows_valid_tokens_to_the_front():
     from openrlhf_gmpo.megatron.logprobs import left_align
 

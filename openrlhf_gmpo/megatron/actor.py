@@ -18,16 +18,18 @@ Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecut
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import os
+import shutil
 
 import torch
 from openrlhf.trainer.ray.launcher import BaseModelActor
 
-from openrlhf_gmpo.megatron import routing_replay, vllm_sync
+from openrlhf_gmpo.megatron import checkpoints, routing_replay, vllm_sync
 from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, local_checkpoint_dir, save_hf_checkpoint
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
 from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
+from openrlhf_gmpo.megatron.samples import left_pad_collate, sequence_key
 from openrlhf_gmpo.megatron.train import (
     LRSchedule,
     OptimizerOptions,
@@ -41,30 +43,6 @@ from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
 from openrlhf_gmpo.openrlhf_plugin.loss_adapter import CLI_TO_REGISTRY
 
 
-def sequence_key(sequence: torch.Tensor, attention_mask: torch.Tensor) -> str:
-    """Identifies a sample by its valid tokens, so recorded routing finds it again however it is re-batched."""
-    return hashlib.sha1(sequence[attention_mask.bool()].cpu().numpy().tobytes()).hexdigest()
-
-
-def left_pad_collate(samples: list[dict]) -> dict:
-    """Stack per-sample rows of different lengths by padding on the left (sequence and action columns alike), so the
-    response stays the last A columns of each row."""
-    seq_len = max(s["sequences"].shape[0] for s in samples)
-    num_actions = max(s["action_mask"].shape[0] for s in samples)
-
-    def pad(key: str, width: int) -> torch.Tensor:
-        rows = [torch.nn.functional.pad(s[key], (width - s[key].shape[0], 0)) for s in samples]
-        return torch.stack(rows)
-
-    batch = {key: pad(key, seq_len) for key in ("sequences", "attention_mask")}
-    for key in ("action_mask", "old_log_probs", "advantages", "rollout_log_probs"):
-        if samples[0].get(key) is not None:
-            batch[key] = pad(key, num_actions)
-    batch["attention_mask"] = batch["attention_mask"].bool()
-    batch["action_mask"] = batch["action_mask"].bool()
-    return batch
-
-
 class MegatronPolicyActor(BaseModelActor):
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
         from transformers import AutoConfig, AutoTokenizer
@@ -75,7 +53,7 @@ class MegatronPolicyActor(BaseModelActor):
         self.args = args = strategy.args
         self.vllm_engines = vllm_engines
         self.device = _init_torch_distributed()
-        pretrain = local_checkpoint_dir(pretrain)  # a Hub id becomes its cached snapshot
+        pretrain = self.pretrain_dir = local_checkpoint_dir(pretrain)  # a Hub id becomes its cached snapshot
         self.hf_config = AutoConfig.from_pretrained(pretrain)
         m = args.megatron
         world = torch.distributed.get_world_size()
@@ -217,14 +195,11 @@ class MegatronPolicyActor(BaseModelActor):
         per_rank_step = args.train.batch_size // self.sizes.dp
         # Every DP rank must take the same number of steps (DDP syncs each one); leftovers are dropped, like
         # OpenRLHF's drop_last.
-        count = torch.tensor([len(samples) // per_rank_step], device=self.device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
-        steps = int(count.item())
+        counts = torch.tensor([len(samples) // per_rank_step, len(samples)], device=self.device)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN)
+        steps, fewest_samples = counts.tolist()
         if steps == 0:
-            raise ValueError(
-                f"{len(samples)} samples on this rank, fewer than one optimizer step of {per_rank_step} "
-                f"(train.batch_size {args.train.batch_size} / dp {self.sizes.dp})"
-            )
+            return self._skip_update(samples, per_rank_step, with_info=fewest_samples > 0)
         low, high = args.actor.eps_clip_low_high
         micro = args.train.micro_batch_size
         history = []
@@ -253,6 +228,24 @@ class MegatronPolicyActor(BaseModelActor):
         status["actor_grad_norm"] = history[-1]["grad_norm"]  # OpenRLHF reports the last step's norm
         status["actor_lr"] = history[-1]["actor_lr"]  # the last step's rate, as OpenRLHF reports it
         for key in samples[0]["info"]:
+            status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
+        status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
+        self.experiences, self.recorded_routing = [], {}
+        return status
+
+    def _skip_update(self, samples: list[dict], per_rank_step: int, with_info: bool) -> dict:
+        """No optimizer step when some rank holds less than one step's samples (e.g. the last, partial rollout of a
+        pass over the prompts): OpenRLHF's DeepSpeed actor takes no step either, and stopping the job would lose the
+        run. The rollout's metrics are still reported; `update_skipped` says what happened."""
+        from megatron.core import parallel_state as ps
+
+        print(
+            f"MegatronPolicyActor: no update this round: {len(samples)} samples on rank "
+            f"{torch.distributed.get_rank()}, fewer than one optimizer step of {per_rank_step} "
+            f"(train.batch_size {self.args.train.batch_size} / dp {self.sizes.dp}); they are dropped"
+        )
+        status = {"update_skipped": 1.0, "actor_lr": self.lr_schedule.lr}
+        for key in samples[0]["info"] if with_info else ():  # the same keys on every rank, or none
             status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
         status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
         self.experiences, self.recorded_routing = [], {}
@@ -306,6 +299,10 @@ class MegatronPolicyActor(BaseModelActor):
         if rank0:
             self.hf_config.save_pretrained(out_dir)
             self.tokenizer.save_pretrained(out_dir)
+            # The model's recommended sampling settings, which OpenRLHF's save_pretrained keeps too.
+            generation_config = os.path.join(self.pretrain_dir, "generation_config.json")
+            if os.path.isfile(generation_config):
+                shutil.copy(generation_config, out_dir)
         torch.distributed.barrier()
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
@@ -314,26 +311,35 @@ class MegatronPolicyActor(BaseModelActor):
         return os.path.join(self.args.ckpt.path, "_actor", tag)
 
     def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None) -> None:
-        """Per-rank model shard and optimizer state (resumable with the same parallel sizes), plus an HF copy with
-        --ckpt.save_hf. megatron's distributed optimizer writes its sharded state through its own
-        `save_parameter_state`."""
+        """Per-rank model shard and optimizer state (resumable with the same parallel sizes; not with
+        --ckpt.disable_ds, as in OpenRLHF), plus an HF copy with --ckpt.save_hf. megatron's distributed optimizer
+        writes its sharded state through its own `save_parameter_state`. Old tags go by OpenRLHF's rules
+        (`checkpoints`: max_num, max_mem, best tags kept)."""
+        args = self.args
+        if not args.ckpt.disable_ds:
+            self._save_resumable(tag, client_states, metric_value, metric_key)
+        if args.ckpt.save_hf:
+            self._save_hf(os.path.join(args.ckpt.path, f"{tag}_hf"))
+        torch.distributed.barrier()
+
+    def _save_resumable(self, tag, client_states, metric_value, metric_key) -> None:
         path = self._checkpoint_dir(tag)
         os.makedirs(path, exist_ok=True)
         rank = torch.distributed.get_rank()
         state = {"model": self.model.module.state_dict(), "client_states": client_states or {}}
         if hasattr(self.optimizer, "save_parameter_state"):
-            self.optimizer.save_parameter_state(_parameter_state_file(path, rank))
+            self.optimizer.save_parameter_state(checkpoints.parameter_state_file(path, rank))
         state["optimizer"] = self.optimizer.state_dict()
         state["lr_schedule"] = self.lr_schedule.state_dict()
         torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
         torch.distributed.barrier()  # every rank's file is written before the tag becomes "latest"
         if rank == 0:
-            with open(os.path.join(self.args.ckpt.path, "_actor", "latest"), "w") as f:
+            checkpoints.write_metric(path, metric_value, metric_key)
+            actor_dir = os.path.dirname(path)
+            with open(os.path.join(actor_dir, "latest"), "w") as f:
                 f.write(tag)
-            _keep_newest(os.path.join(self.args.ckpt.path, "_actor"), self.args.ckpt.max_num)
-        if self.args.ckpt.save_hf:
-            self._save_hf(os.path.join(self.args.ckpt.path, f"{tag}_hf"))
-        torch.distributed.barrier()
+            for deleted in checkpoints.prune(actor_dir, tag, self.args.ckpt.max_num, self.args.ckpt.max_mem):
+                print(f"MegatronPolicyActor: deleted checkpoint {deleted} (--ckpt.max_num / --ckpt.max_mem)")
 
     def _load_checkpoint(self) -> dict:
         latest = os.path.join(self.args.ckpt.path, "_actor", "latest")
@@ -346,7 +352,7 @@ class MegatronPolicyActor(BaseModelActor):
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if hasattr(self.optimizer, "load_parameter_state"):
-            self.optimizer.load_parameter_state(_parameter_state_file(path, torch.distributed.get_rank()))
+            self.optimizer.load_parameter_state(checkpoints.parameter_state_file(path, torch.distributed.get_rank()))
         return state["client_states"]
 
     def get_checkpoint_states(self) -> dict:
@@ -368,7 +374,9 @@ def _init_torch_distributed() -> torch.device:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # OpenRLHF's 60 minutes, not torch's 10: ranks wait at barriers while rank 0 writes tens of GB of checkpoint.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return device
 
 
@@ -382,22 +390,6 @@ def _check_data_chunking(sizes: ParallelSizes) -> None:
             f"rank {rank}: megatron data-parallel rank {ps.get_data_parallel_rank()} != rank // tp = "
             f"{rank // sizes.tp}; OpenRLHF's data chunks would reach the wrong replica"
         )
-
-
-def _parameter_state_file(path: str, rank: int) -> str:
-    """One file per rank: the first rank of each data-parallel group writes its group's optimizer shard, and with
-    expert parallelism there are several such groups (each EP rank's experts), so one shared name would be written
-    by all of them. The same rank reads it back (same parallel sizes)."""
-    return os.path.join(path, f"optimizer_parameter_state_rank{rank:05d}.pt")
-
-
-def _keep_newest(directory: str, max_num: int) -> None:
-    """Delete all but the `max_num` most recent checkpoint tags (OpenRLHF's --ckpt.max_num)."""
-    import shutil
-
-    tags = [e for e in os.scandir(directory) if e.is_dir()]
-    for entry in sorted(tags, key=lambda e: e.stat().st_mtime)[:-max_num]:
-        shutil.rmtree(entry.path)
 
 
 def _mean_over_steps(history: list[dict]) -> dict:

@@ -110,7 +110,7 @@ def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
         pipeline_model_parallel_size=sizes.pp,
         expert_model_parallel_size=sizes.ep,
         expert_tensor_parallel_size=sizes.etp,
-        create_gloo_process_groups=False,
+        create_gloo_process_groups=True,
     )
     # The inference RNG tracker avoids CUDA generator state, so the same call works on CPU.
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())

@@ -1,0 +1,31 @@
+"""OpenRLHF experiences as the megatron actor batches them: keys that find a sample again, left-padded batches."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def sequence_key(sequence: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    """Identifies a sample by its valid tokens, so recorded routing finds it again however it is re-batched."""
+    return hashlib.sha1(sequence[attention_mask.bool()].cpu().numpy().tobytes()).hexdigest()
+
+
+def left_pad_collate(samples: list[dict]) -> dict:
+    """Stack per-sample rows of different lengths by padding on the left (sequence and action columns alike), so the
+    response stays the last A columns of each row."""
+    seq_len = max(s["sequences"].shape[0] for s in samples)
+    num_actions = max(s["action_mask"].shape[0] for s in samples)
+
+    def pad(key: str, width: int) -> torch.Tensor:
+        rows = [torch.nn.functional.pad(s[key], (width - s[key].shape[0], 0)) for s in samples]
+        return torch.stack(rows)
+
+    batch = {key: pad(key, seq_len) for key in ("sequences", "attention_mask")}
+    for key in ("action_mask", "old_log_probs", "advantages", "rollout_log_probs"):
+        if samples[0].get(key) is not None:
+            batch[key] = pad(key, num_actions)
+    batch["attention_mask"] = batch["attention_mask"].bool()
+    batch["action_mask"] = batch["action_mask"].bool()
+    return batch
