@@ -172,14 +172,6 @@ def valid_prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask[:, 1:] & attention_mask[:, :-1]
 
 
-def causal_only_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """What Transformer Engine's attention applies for megatron's `attn_mask_type=causal`: the future masked, padding
-    not (TE ignores the explicit mask then)."""
-    batch, seq_len = attention_mask.shape
-    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).triu(1)
-    return future[None, None].expand(batch, 1, seq_len, seq_len)
-
-
 def padded_both_sides(batch: dict) -> dict:
     """policy_batch with right padding added: row 2's last 2 tokens, row 3's last (row 3 is also left-padded)."""
     mask = batch["attention_mask"].clone()
@@ -198,9 +190,6 @@ def _log_prob_error(model, hf, batch) -> float:
 
 
 def _eval_layout(hf, sizes, batch):
-    from unittest import mock
-
-    from openrlhf_gmpo.megatron import logprobs
     from openrlhf_gmpo.megatron.model import build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
@@ -210,15 +199,11 @@ def _eval_layout(hf, sizes, batch):
     model = build_gpt_model(hf.config, sizes)
     load_hf_weights(model, hf_state, hf.config)
     model.eval()
-    both_sides = padded_both_sides(batch)
-    with mock.patch.object(logprobs, "causal_padding_mask", causal_only_mask):
-        causal_only_error = _log_prob_error(model, hf, both_sides)
     exported = dict(iter_hf_weights(model, hf.config))
     per_expert = dict(iter_hf_weights(model, hf.config, expert_layout="per_expert"))
     return {
         "log_prob_error": _log_prob_error(model, hf, batch),
-        "log_prob_error_both_sides": _log_prob_error(model, hf, both_sides),
-        "log_prob_error_causal_only": causal_only_error,
+        "log_prob_error_both_sides": _log_prob_error(model, hf, padded_both_sides(batch)),
         "export_mismatches": sorted(
             n for n in hf_state if n not in exported or not torch.equal(exported[n], hf_state[n])
         ),

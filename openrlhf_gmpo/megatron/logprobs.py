@@ -40,17 +40,6 @@ def aligned_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return columns < attention_mask.bool().sum(1, keepdim=True)
 
 
-def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] boolean mask for megatron attention, True where a query must NOT see a key: future or padding.
-
-    Passed explicitly because megatron's default causal mask is built on CUDA.
-    """
-    seq_len = attention_mask.shape[1]
-    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).triu(1)
-    padded_key = ~attention_mask.bool()[:, None, None, :]
-    return future[None, None] | padded_key
-
-
 def token_log_probs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -79,7 +68,8 @@ def token_log_probs(
     logits = model(
         input_ids=input_ids,
         position_ids=positions,
-        attention_mask=causal_padding_mask(attention_mask),  # what the local spec applies; TE applies causal only
+        # Rows are left-aligned, so the causal mask alone is exact: what TE and our SDPA attention apply without one.
+        attention_mask=None,
         padding_mask=~attention_mask,  # keeps padding out of MoE routing statistics (aux loss, load metrics)
     )  # [B, S, V / tp]
     # One fresh fp32 copy (the cross-entropy works on it in place), divided in place, and the bf16 logits dropped:

@@ -123,8 +123,9 @@ def transformer_config_kwargs(
 
 
 def layer_spec(hf_config, sizes: ParallelSizes, use_te: bool | None = None):
-    """Transformer Engine spec when TE is installed; otherwise megatron's local modules, with our grouped-GEMM
-    experts on CUDA (ETP 1) and megatron's SequentialMLP (one expert at a time) on CPU."""
+    """Transformer Engine spec when TE is installed; otherwise megatron's local modules, with torch SDPA as the core
+    attention, and our grouped-GEMM experts on CUDA (ETP 1) or megatron's SequentialMLP (one expert at a time) on
+    CPU."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     use_te = has_transformer_engine() if use_te is None else use_te
@@ -136,9 +137,17 @@ def layer_spec(hf_config, sizes: ParallelSizes, use_te: bool | None = None):
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
     )
+    use_sdpa_attention(spec)
     if num_experts is not None and torch.cuda.is_available() and sizes.etp == 1:
         use_grouped_experts(spec)
     return spec
+
+
+def use_sdpa_attention(spec) -> None:
+    """Swap megatron's unfused local DotProductAttention for openrlhf_gmpo.megatron.sdpa_attention (no parameters)."""
+    from openrlhf_gmpo.megatron.sdpa_attention import SDPAttention
+
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
 
 
 def use_grouped_experts(spec) -> None:
