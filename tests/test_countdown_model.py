@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from openrlhf_gmpo.countdown.model import build_model, count_parameters, model_config, save_checkpoint
+from openrlhf_gmpo.countdown.model import (
+    build_model,
+    count_parameters,
+    model_config,
+    save_checkpoint,
+    to_low_precision,
+)
 from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
 
 VOCAB = 40  # len(build_tokenizer())
@@ -36,6 +42,20 @@ def test_tiny_model_builds_runs_and_is_seeded():
     assert output.logits.shape == (2, 12, VOCAB)
     assert torch.isfinite(output.logits).all()
     assert output.aux_loss is None  # router logits are off by default
+
+
+def test_low_precision_keeps_rope_frequencies_in_fp32():
+    model = build_model("tiny", VOCAB, seed=0)
+    frequencies = model.model.rotary_emb.inv_freq.clone()
+    model = to_low_precision(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.dtype == rotary.original_inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, frequencies)
+    # A plain cast would round them: 1/10000^(2i/d) is not a bf16 number for most i.
+    assert not torch.equal(frequencies.bfloat16().float(), frequencies)
+    logits = model(input_ids=torch.arange(12)[None] % VOCAB).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
 def test_unknown_size_is_refused():

@@ -49,13 +49,15 @@ def _megatron_200m(hf, sizes, **kwargs):
 
 
 def test_bf16_log_probs_match_hf_as_closely_as_hf_bf16_matches_fp32(single_gpu_megatron):
+    from openrlhf_gmpo.countdown.model import to_low_precision
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
 
     hf = _countdown_200m().cuda()
     sequences, mask = _batch()
     valid = hm.valid_prediction_mask(mask)
     exact = hm.hf_token_log_probs(hf, sequences, mask)[valid]  # fp32 HF: the reference
-    hf_bf16 = hm.hf_token_log_probs(hf.to(torch.bfloat16), sequences, mask)[valid]
+    # RoPE frequencies stay fp32, as from_pretrained(dtype=bf16) and megatron keep them
+    hf_bf16 = hm.hf_token_log_probs(to_low_precision(hf, torch.bfloat16), sequences, mask)[valid]
     model = _megatron_200m(_countdown_200m(), single_gpu_megatron).eval()
     with torch.no_grad():
         ours = token_log_probs(model, sequences, mask)[valid]

@@ -16,6 +16,7 @@ def test_cuda_engine_generates_scores_and_keeps_small_updates_in_fp32():
     engine = HFEngine(model_size="tiny", vocab_size=len(tokenizer), seed=0, device="cuda",
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)  # fmt: skip
     assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert engine.model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE as from_pretrained keeps it
     engine.freeze_reference()
     engine.reset_optimizer(lr=1e-5, weight_decay=0.0, grad_clip=1e9)
 

@@ -74,6 +74,21 @@ def build_model(size: str, vocab_size: int, seed: int, **token_ids):
     return model
 
 
+def to_low_precision(model, dtype):
+    """`model.to(dtype)` for the weights, with the RoPE frequency buffers kept fp32.
+
+    `from_pretrained(dtype=torch.bfloat16)` keeps them fp32, as do vLLM and megatron; a plain `.to(bf16)` rounds them
+    (relative error 2^-9), which turns the highest frequency's angle at position 100 by ~0.2 rad: a different
+    positional encoding from the one the rest of the pipeline computes.
+    """
+    rotary = model.model.rotary_emb
+    frequencies = {name: buffer for name, buffer in rotary.named_buffers(recurse=False) if "inv_freq" in name}
+    model = model.to(dtype=dtype)
+    for name, buffer in frequencies.items():
+        setattr(rotary, name, buffer)
+    return model
+
+
 def count_parameters(config) -> int:
     """Unique parameters of a config's model, counted from the shapes (no weights allocated; tied embedding once)."""
     import torch

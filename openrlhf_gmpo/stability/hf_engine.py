@@ -40,7 +40,7 @@ class HFEngine:
         master_weights: bool = True,
     ):
         """`master_weights=False` leaves out the fp32 master copies (a model that only generates and scores)."""
-        from openrlhf_gmpo.countdown.model import build_model
+        from openrlhf_gmpo.countdown.model import build_model, to_low_precision
 
         if decode_cache not in DECODE_CACHES:
             raise ValueError(f"decode_cache {decode_cache!r}: choose one of {', '.join(DECODE_CACHES)}")
@@ -49,7 +49,7 @@ class HFEngine:
         self.eos_id, self.pad_id = eos_id, pad_id
         model = build_model(model_size, vocab_size, seed)
         if self.device.type == "cuda":
-            model = model.to(dtype=torch.bfloat16)
+            model = to_low_precision(model, torch.bfloat16)
             model.set_experts_implementation("grouped_mm")
         self.model = model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
