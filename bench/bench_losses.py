@@ -8,13 +8,12 @@ sequence, an int64 0/1 action mask with ragged lengths. Timing covers one loss f
 gradient of the log-probs): median and min over --repeats calls after --warmup, the cases taken in turn so that load
 drift on a shared machine hits them alike. Peak memory (CUDA only) is the allocator's peak during one
 forward+backward minus what was allocated before it (the inputs), i.e. the loss's own workspace.
-Prints a table and writes JSON. The GPU goal: gmpo <= 1.3x PolicyLoss time at B=512, L=8192.
+Prints a table and writes JSON, also when stopped early (SIGTERM: the repeats done so far; common.run_and_report).
+The GPU goal: gmpo <= 1.3x PolicyLoss time at B=512, L=8192.
 """
 
 import argparse
 import importlib.util
-import json
-import os
 import platform
 import statistics
 import subprocess
@@ -23,6 +22,7 @@ import time
 import types
 
 import torch
+from common import run_and_report
 
 # One clip bound for every loss and for PolicyLoss: its value does not change the work done.
 EPS = 0.2
@@ -57,20 +57,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(cases, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each step, round-robin over the cases so that load drift on a shared machine hits them alike."""
+def measure(cases, device: str, warmup: int, repeats: int, times_ms: dict[str, list[float]]) -> None:
+    """Appends each step's ms to times_ms[label], round-robin over the cases so that load drift on a shared machine
+    hits them alike (and a stopped run has the same number of repeats, give or take one, of every case)."""
     for _ in range(warmup):
         for _, step in cases:
             step()
-    times = {label: [] for label, _ in cases}
     for _ in range(repeats):
         for label, step in cases:
             sync(device)
             start = time.perf_counter()
             step()
             sync(device)
-            times[label].append(time.perf_counter() - start)
-    return times
+            times_ms.setdefault(label, []).append((time.perf_counter() - start) * 1e3)
 
 
 def peak_extra_mib(step, device: str) -> float | None:
@@ -93,27 +92,13 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument(
-        "--json", default="runs/bench_losses.json", help="where to write the results (runs/ is git-ignored)"
-    )
-    args = parser.parse_args(argv)
-    if args.batch < 1 or args.length < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit(f"--batch, --length, --repeats must be >= 1 and --warmup >= 0, got {vars(args)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available on this machine (use --device cpu)")
-
+def run(args, result: dict) -> None:
     from openrlhf_gmpo.losses import LOSS_NAMES, compute_policy_loss
 
-    PolicyLoss, note = import_policy_loss()
-    if note:
-        print(f"note: {note}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+    result.update(device=device, device_kind=args.device, threads=torch.get_num_threads(), torch=torch.__version__)
+    result.update(batch=args.batch, length=args.length, repeats=args.repeats, warmup=args.warmup, times_ms={})
+    PolicyLoss, result["note"] = import_policy_loss()
     log_probs, old, advantages, mask = make_inputs(args.batch, args.length, args.device)
     leaf = log_probs.clone().requires_grad_(True)
 
@@ -133,52 +118,57 @@ def main(argv=None) -> int:
     ppo = PolicyLoss(clip_eps_low=EPS, clip_eps_high=EPS)  # OpenRLHF's default policy_loss_type="ppo"
     cases = [("openrlhf PolicyLoss(ppo)", openrlhf_step)]
     cases += [(name, ours(name, EPS)) for name in LOSS_NAMES]
+    measure(cases, args.device, args.warmup, args.repeats, result["times_ms"])
+    result["peak_extra_mib"] = {label: peak_extra_mib(step, args.device) for label, step in cases}
 
-    times = measure(cases, args.device, args.warmup, args.repeats)
-    rows = []
-    for label, step in cases:
-        ms = [t * 1e3 for t in times[label]]
-        rows.append(
-            {
-                "loss": label,
-                "ms": statistics.median(ms),
-                "ms_min": min(ms),
-                "peak_extra_mib": peak_extra_mib(step, args.device),
-            }
-        )
-    for row in rows:  # ratios to PolicyLoss; on a shared CPU the min is the steadier of the two
-        row["x_openrlhf"] = row["ms"] / rows[0]["ms"]
-        row["x_openrlhf_min"] = row["ms_min"] / rows[0]["ms_min"]
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
-    threads = torch.get_num_threads()
-    print(f"device: {device} ({args.device}, {threads} threads), torch {torch.__version__}")
-    timing = f"median of {args.repeats} after {args.warmup} warm-up"
-    print(f"B={args.batch}, L={args.length}, fp32 log-probs, eps {EPS}, fwd+bwd, {timing}")
+def summarise(result: dict) -> None:
+    """Median and min per loss over the repeats there are, and their ratios to PolicyLoss's."""
+    peaks = result.get("peak_extra_mib", {})
+    result["rows"] = [
+        {"loss": label, "ms": statistics.median(ms), "ms_min": min(ms), "peak_extra_mib": peaks.get(label)}
+        for label, ms in result.get("times_ms", {}).items()
+    ]
+    result["repeats_done"] = min((len(ms) for ms in result.get("times_ms", {}).values()), default=0)
+    base = result["rows"][0] if result["rows"] else None  # PolicyLoss: measured first in every round
+    for row in result["rows"]:  # on a shared CPU the min is the steadier of the two
+        row["x_openrlhf"] = row["ms"] / base["ms"]
+        row["x_openrlhf_min"] = row["ms_min"] / base["ms_min"]
+
+
+def print_table(result: dict) -> None:
+    if "device" not in result:
+        return
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    print(f"device: {result['device']} ({result['device_kind']}, {result['threads']} threads), torch {result['torch']}")
+    timing = f"median of {result['repeats_done']} (of {result['repeats']}) after {result['warmup']} warm-up"
+    print(f"B={result['batch']}, L={result['length']}, fp32 log-probs, eps {EPS}, fwd+bwd, {timing}")
     print(f"{'loss':<26}{'median ms':>10}{'min ms':>10}{'x PL median':>12}{'x PL min':>10}{'peak extra MiB':>16}")
-    for row in rows:
+    for row in result["rows"]:
         peak = "n/a" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.0f}"
         print(
             f"{row['loss']:<26}{row['ms']:>10.2f}{row['ms_min']:>10.2f}{row['x_openrlhf']:>12.2f}"
             f"{row['x_openrlhf_min']:>10.2f}{peak:>16}"
         )
-    result = {
-        "device": device,
-        "device_kind": args.device,
-        "threads": threads,
-        "torch": torch.__version__,
-        "batch": args.batch,
-        "length": args.length,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "note": note,
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
-    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--json", default="runs/bench_losses.json", help="where to write the results (runs/ is git-ignored)"
+    )
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.length < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit(f"--batch, --length, --repeats must be >= 1 and --warmup >= 0, got {vars(args)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return run_and_report(run, summarise, print_table, args)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,17 @@ One decoder layer's time is measured as (t[4 layers] - t[1 layer]) / 3, which re
 The megatron side is `openrlhf_gmpo.megatron.model.build_gpt_model` (GroupedExperts on CUDA without Transformer Engine,
 SequentialMLP on CPU), loaded with the HF model's weights through `openrlhf_gmpo.megatron.weights`; the table shows the
 largest per-token log-prob difference from HF eager as a check. If that backend is not importable, HF runs alone.
+The two sides may run different attention: HF's default is SDPA (flash on an H100), megatron's is the class the
+backend's spec puts in core_attention (megatron's local DotProductAttention materialises a [heads, S, S] softmax; the
+backend's SDPAttention calls SDPA). Each row records its attention, and "HF experts=grouped_mm, attn=eager" is HF with
+unfused attention, so that some HF row differs from the megatron row in the experts only.
 
 FLOP per token (fwd+bwd, matmuls only; causal attention scores/values averaged over the sequence):
     6 * N_active + 6 * L * S * (heads * head_dim)
     N_active = L * (H*(heads + 2*kv_heads)*head_dim + heads*head_dim*H + H*E + top_k*3*H*F) + H*V
-MFU = FLOP/token x tokens/s / --peak-tflops (default 989: H100 SXM dense bf16); "x dense" divides by the dense bf16
-matmul rate measured in the same run instead.
+MFU = FLOP/token x tokens/s / --peak-tflops (default: the device's dense bf16 peak where known, see
+peak_bf16_tflops); "x dense" divides by the dense bf16 matmul rate measured in the same run (before and after the
+models; the higher one) instead.
 """
 
 from __future__ import annotations
@@ -23,9 +28,19 @@ import traceback
 from dataclasses import dataclass
 
 import torch
-from bench_moe_layer import dense_matmul_ms, device_name, init_megatron, require_device, run_and_report, time_ms
+from bench_moe_layer import init_megatron
+from common import dense_matmul_tflops, device_name, fmt, require_device, run_and_report, time_ms
 
-H100_DENSE_BF16_TFLOPS = 989.0
+
+def peak_bf16_tflops(device: str) -> float | None:
+    """Dense bf16 peak TFLOP/s from NVIDIA's datasheets for the GPUs we run on; None for any other device (NVL cards
+    included): pass --peak-tflops."""
+    name = device.upper()
+    if "NVL" in name:
+        return None
+    if "H100" in name:
+        return 756.0 if "PCIE" in name else 989.0  # the SXM card reports itself as "H100 80GB HBM3"
+    return 989.0 if "H200" in name else None
 
 
 @dataclass(frozen=True)
@@ -77,17 +92,27 @@ FULL = ModelShape(151936, 2048, 32, 4, 128, 6144, 768, 128, 8, batch=4, seq=2048
 SMALL = ModelShape(64, 64, 4, 2, 16, 128, 32, 8, 2, batch=2, seq=64, dense_n=256)
 
 
-def hf_model(shape: ModelShape, layers: int, implementation: str, device: str, dtype: torch.dtype):
+def hf_model(shape: ModelShape, layers: int, experts: str, attention: str | None, device: str, dtype: torch.dtype):
+    """attention None: HF's default (SDPA)."""
     from transformers import Qwen3MoeForCausalLM
 
+    config = shape.hf_config(layers, experts)
+    if attention is not None:
+        config._attn_implementation = attention
     torch.manual_seed(0)  # the same random weights for every implementation of a given depth
     with torch.device(device):  # random init of ~3B parameters where they will run, not on the host first
-        model = Qwen3MoeForCausalLM(shape.hf_config(layers, implementation))
+        model = Qwen3MoeForCausalLM(config)
     with torch.no_grad():  # HF leaves the router at zero: every token would tie; give it a random one
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
                 param.normal_(0.0, shape.hidden**-0.5)
-    return model.to(device, dtype).train()
+    # RoPE frequencies stay fp32, as in megatron: in bf16 the angles at position ~2000 would be off by radians.
+    rotary = model.model.rotary_emb
+    frequencies = {name: getattr(rotary, name) for name in ("inv_freq", "original_inv_freq") if hasattr(rotary, name)}
+    model = model.to(device, dtype)
+    for name, value in frequencies.items():
+        setattr(rotary, name, value)
+    return model.train()
 
 
 def hf_log_probs(model, input_ids):
@@ -122,33 +147,47 @@ def loss_step(model, log_probs_fn, input_ids):
     return step
 
 
-def run(args) -> dict:
+CASES = (  # name, HF experts implementation, HF attention (None: SDPA); the megatron model is loaded from HF eager's
+    ("HF experts=eager", "eager", None),
+    ("HF experts=grouped_mm", "grouped_mm", None),
+    ("HF experts=grouped_mm, attn=eager", "grouped_mm", "eager"),  # unfused, like megatron's DotProductAttention
+    ("megatron", "eager", None),
+)
+
+
+def run(args, result: dict) -> None:
     shape = SMALL if args.small else FULL
     device, dtype = args.device, torch.bfloat16
+    peak = args.peak_tflops or peak_bf16_tflops(device_name(device))
+    peak_from = "--peak-tflops" if args.peak_tflops else "the device name"
+    result.update(shape=shape.__dict__, device=device_name(device), dtype=str(dtype), rows=[])
+    result.update(peak_tflops=peak, peak_tflops_from=peak_from)
+    result.update(dense_tflops_measured=[], notes=[])
+    rows, notes = result["rows"], result["notes"]
     warmup, iters = (1, 2) if args.small else (2, 5)
     init_megatron(device)
-    dense_tflops = 2 * shape.dense_n**3 / dense_matmul_ms(shape.dense_n, device, dtype, warmup, iters) / 1e9
+    dense_warmup_s = 0.1 if args.small else 0.75
+    result["dense_tflops_measured"].append(dense_matmul_tflops(shape.dense_n, device, dtype, dense_warmup_s))
     input_ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=torch.Generator().manual_seed(1))
     input_ids = input_ids.to(device)
     tokens = shape.batch * shape.seq
-    notes, rows = [], []
     megatron_ok = True
     for layers in (1, 4):
         reference = None
-        for implementation in ("eager", "grouped_mm", "megatron"):
-            hf = hf_model(shape, layers, "eager" if implementation == "megatron" else implementation, device, dtype)
-            model, fn, name = hf, hf_log_probs, f"HF experts={implementation}"
-            if implementation == "megatron":
-                if not megatron_ok:
-                    continue
+        for name, experts, hf_attention in CASES:
+            if name == "megatron" and not megatron_ok:
+                continue
+            hf = hf_model(shape, layers, experts, hf_attention, device, dtype)
+            model, fn, attention = hf, hf_log_probs, hf.config._attn_implementation
+            if name == "megatron":
                 try:
-                    model, fn, name = megatron_model(hf, shape, layers, device, dtype), megatron_log_probs, "megatron"
+                    model, fn = megatron_model(hf, shape, layers, device, dtype), megatron_log_probs
                 except Exception:  # report and keep the HF numbers: the backend is another engineer's moving part
                     megatron_ok = False
                     notes.append("megatron backend unavailable, HF only:\n" + traceback.format_exc(limit=3))
                     continue
-                experts = model.decoder.layers[0].mlp.experts
-                name = f"megatron ({type(experts).__name__})"
+                name = f"megatron ({type(model.decoder.layers[0].mlp.experts).__name__})"
+                attention = type(model.decoder.layers[0].self_attention.core_attention).__name__
                 del hf
             with torch.no_grad():
                 log_probs = fn(model, input_ids).float()
@@ -161,47 +200,59 @@ def run(args) -> dict:
             rows.append(
                 dict(
                     case=name,
+                    attention=attention,
                     layers=layers,
                     ms=ms,
                     tokens_per_s=tokens_per_s,
                     tflops=tflops,
-                    mfu=tflops / args.peak_tflops,
-                    fraction_of_dense=tflops / dense_tflops,
+                    mfu=tflops / peak if peak else None,
                     max_abs_logprob_diff_vs_hf_eager=(log_probs - reference).abs().max().item(),
                     peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                 )
             )
-            del model
-    per_layer = []
+            print(f"measured {name} ({layers} layers): {ms:.2f} ms", flush=True)  # in the log even if killed later
+            model = hf = None  # free this case's model before the next one is built
+    result["dense_tflops_measured"].append(dense_matmul_tflops(shape.dense_n, device, dtype, dense_warmup_s))
+
+
+def summarise(result: dict) -> None:
+    """x dense against the higher dense matmul rate, and one decoder layer's time for each case measured at both
+    depths."""
+    rows = result.get("rows", [])
+    dense = max(result.get("dense_tflops_measured", []), default=None)
+    result["dense_tflops"] = dense
+    for row in rows:
+        row["fraction_of_dense"] = row["tflops"] / dense if dense else None
+    result["decoder_layer"] = []
+    tokens = result["shape"]["batch"] * result["shape"]["seq"] if "shape" in result else 0
     for case in dict.fromkeys(row["case"] for row in rows):
         by_depth = {row["layers"]: row["ms"] for row in rows if row["case"] == case}
         if 1 in by_depth and 4 in by_depth:
             layer_ms = (by_depth[4] - by_depth[1]) / 3
-            per_layer.append(dict(case=case, decoder_layer_ms=layer_ms, tokens_per_s=tokens / layer_ms * 1000.0))
-    return dict(
-        shape=shape.__dict__,
-        device=device_name(device),
-        dtype=str(dtype),
-        dense_tflops=dense_tflops,
-        peak_tflops=args.peak_tflops,
-        rows=rows,
-        decoder_layer=per_layer,
-        notes=notes,
-    )
+            result["decoder_layer"].append(
+                dict(case=case, decoder_layer_ms=layer_ms, tokens_per_s=tokens / layer_ms * 1000.0)
+            )
 
 
 def print_table(result: dict) -> None:
+    if "shape" not in result:
+        return  # stopped before anything was set up
     print(f"device: {result['device']}  dtype: {result['dtype']}  shape: {result['shape']}")
-    print(f"dense matmul measured: {result['dense_tflops']:.2f} TFLOP/s; MFU against {result['peak_tflops']} TFLOP/s")
-    header = f"{'case':36} {'layers':>6} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>6} {'x dense':>8}"
-    header += f" {'|dlogp|':>9} {'GiB':>6}"
+    dense = ", ".join(f"{tflops:.2f}" for tflops in result["dense_tflops_measured"])
+    print(f"dense matmul measured: {dense} TFLOP/s (before, after the models); x dense divides by the higher")
+    if result["peak_tflops"]:
+        print(f"MFU against a dense bf16 peak of {result['peak_tflops']:.0f} TFLOP/s ({result['peak_tflops_from']})")
+    else:
+        print(f"MFU: peak FLOP/s of '{result['device']}' unknown (pass --peak-tflops)")
+    header = f"{'case':36} {'attention':20} {'layers':>6} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>6}"
+    header += f" {'x dense':>8} {'|dlogp|':>9} {'GiB':>6}"
     print(header)
     print("-" * len(header))
     for row in result["rows"]:
-        gib = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         print(
-            f"{row['case']:36} {row['layers']:6d} {row['ms']:9.2f} {row['tokens_per_s']:11.0f} {row['tflops']:9.3f} "
-            f"{row['mfu']:6.3f} {row['fraction_of_dense']:8.3f} {row['max_abs_logprob_diff_vs_hf_eager']:9.2e} {gib:>6}"
+            f"{row['case']:36} {row['attention']:20} {row['layers']:6d} {row['ms']:9.2f} {row['tokens_per_s']:11.0f} "
+            f"{row['tflops']:9.3f} {fmt(row['mfu'], '.3f'):>6} {fmt(row['fraction_of_dense'], '.3f'):>8} "
+            f"{row['max_abs_logprob_diff_vs_hf_eager']:9.2e} {fmt(row['peak_gib'], '.1f'):>6}"
         )
     print("one decoder layer = (t[4 layers] - t[1 layer]) / 3:")
     for row in result["decoder_layer"]:
@@ -214,13 +265,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--small", action="store_true", help="tiny shape (hidden 64, 8 experts) to check on CPU")
-    parser.add_argument("--peak-tflops", type=float, default=H100_DENSE_BF16_TFLOPS, help="MFU denominator")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="MFU denominator (default: the device's dense bf16 peak, if known)"
+    )
     parser.add_argument("--json", default="bench_moe_model.json", help="where to write the results")
     args = parser.parse_args(argv)
     require_device(args.device)
-    if args.peak_tflops <= 0:
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise SystemExit(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    return run_and_report(run, print_table, args)
+    return run_and_report(run, summarise, print_table, args)
 
 
 if __name__ == "__main__":

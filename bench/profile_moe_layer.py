@@ -10,7 +10,6 @@ Prints the category table and the top kernels, and writes JSON.
 """
 
 import argparse
-import json
 import re
 import sys
 from collections import defaultdict
@@ -21,9 +20,12 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_moe_layer as layer_bench  # noqa: E402  (same folder: shape, problem and layer builders)
+from common import device_name, require_device, run_and_report, synchronize, time_ms  # noqa: E402
 
-# (category, regex over the kernel / op name); first match wins. Grouped GEMMs come before dense GEMMs.
+# (category, regex over the kernel / op name); first match wins. Copies between host and device (the dispatcher's
+# host syncs) and memsets come first, else "copy" would file them as elementwise; grouped GEMMs before dense GEMMs.
 PATTERNS = [
+    ("memcpy / memset", r"^mem(cpy|set)"),
     ("expert grouped GEMM", r"grouped_mm|grouped|GroupedGemm|ptr_array|cutlass.*group"),
     ("dense GEMM (router)", r"gemm|matmul|aten::mm|aten::addmm|aten::bmm|cublas|nvjet|sm90_xmma"),
     ("sort / top-k", r"sort|topk|radix|histc|bincount|cumsum|scan"),
@@ -58,9 +60,11 @@ def kernel_times(prof, device: str) -> dict[str, tuple[float, int]]:
     return {name: (ms, int(calls)) for name, (ms, calls) in totals.items()}
 
 
-def run(args) -> dict:
+def run(args, result: dict) -> None:
     shape = layer_bench.SMALL if args.small else layer_bench.FULL
     device, dtype = args.device, layer_bench.DTYPES[args.dtype]
+    result.update(shape=shape.__dict__, device=device_name(device), device_kind=device, dtype=str(dtype))
+    result.update(routing=args.routing)
     torch.manual_seed(0)
     layer_bench.init_megatron(device)
     router, fc1, fc2, tokens = layer_bench.make_problem(shape, args.routing)
@@ -68,27 +72,22 @@ def run(args) -> dict:
     x = tokens.to(device, dtype).view(shape.tokens, 1, shape.hidden)
     grad = torch.randn(shape.tokens, shape.hidden, generator=torch.Generator().manual_seed(7)).to(device, dtype)
     step = layer_bench.fwd_bwd_step(module, x, grad)
-    wall_ms = layer_bench.time_ms(step, device, warmup=3, iters=args.iters)  # also the profiler's warm-up
+    wall_ms = time_ms(step, device, warmup=3, iters=args.iters)  # also the profiler's warm-up
+    result.update(wall_ms_per_step=wall_ms, expert_tflops_of_wall=shape.expert_flop / wall_ms / 1e9)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.iters):
             step()
-        layer_bench.synchronize(device)
+        synchronize(device)
     per_kernel = kernel_times(prof, device)
     by_category: dict[str, float] = defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         by_category[category(name)] += ms / args.iters
     busy = sum(by_category.values())
     top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[: args.top]
-    return dict(
-        shape=shape.__dict__,
-        device=layer_bench.device_name(device),
-        dtype=str(dtype),
-        routing=args.routing,
-        wall_ms_per_step=wall_ms,
+    result.update(
         busy_ms_per_step=busy,
-        expert_tflops_of_wall=shape.expert_flop / wall_ms / 1e9,
         categories=[
             dict(category=c, ms=ms, share_of_busy=ms / busy if busy else 0.0)
             for c, ms in sorted(by_category.items(), key=lambda item: -item[1])
@@ -101,6 +100,25 @@ def run(args) -> dict:
     )
 
 
+def print_report(result: dict) -> None:
+    if "wall_ms_per_step" not in result:
+        return  # stopped before the layer was timed
+    unit = "kernel" if result["device_kind"] == "cuda" else "aten op (self CPU)"
+    print(
+        f"megatron MoELayer + GroupedExperts, {result['routing']} routing, {result['device']}: "
+        f"{result['wall_ms_per_step']:.2f} ms per fwd+bwd ({result['expert_tflops_of_wall']:.0f} TFLOP/s of expert "
+        f"GEMM work)" + (f"; {unit} time {result['busy_ms_per_step']:.2f} ms" if "busy_ms_per_step" in result else "")
+    )
+    if "categories" not in result:
+        return  # stopped while profiling
+    print(f"{'category':<42}{'ms/step':>10}{'share':>8}")
+    for row in result["categories"]:
+        print(f"{row['category']:<42}{row['ms']:>10.3f}{row['share_of_busy']:>8.1%}")
+    print(f"\ntop {unit}s:")
+    for row in result["top_kernels"]:
+        print(f"{row['ms_per_step']:>9.3f} ms {row['calls_per_step']:>6.1f}x  [{row['category']}] {row['name'][:90]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -111,24 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=15, help="kernels listed")
     parser.add_argument("--json", default="profile_moe_layer.json", help="where to write the results")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here; use --device cpu --small to check the script")
-    result = run(args)
-    unit = "kernel" if args.device == "cuda" else "aten op (self CPU)"
-    print(
-        f"megatron MoELayer + GroupedExperts, {result['routing']} routing, {result['device']}: "
-        f"{result['wall_ms_per_step']:.2f} ms per fwd+bwd ({result['expert_tflops_of_wall']:.0f} TFLOP/s of expert "
-        f"GEMM work); {unit} time {result['busy_ms_per_step']:.2f} ms"
-    )
-    print(f"{'category':<42}{'ms/step':>10}{'share':>8}")
-    for row in result["categories"]:
-        print(f"{row['category']:<42}{row['ms']:>10.3f}{row['share_of_busy']:>8.1%}")
-    print(f"\ntop {unit}s:")
-    for row in result["top_kernels"]:
-        print(f"{row['ms_per_step']:>9.3f} ms {row['calls_per_step']:>6.1f}x  [{row['category']}] {row['name'][:90]}")
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return 0
+    require_device(args.device)
+    return run_and_report(run, lambda result: None, print_report, args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ export PYTHONUNBUFFERED=1
 say() { echo "[gpu_session $(date -u +%H:%M:%S)] $*"; }
 
 # bounded LIMIT CMD...: run CMD for at most LIMIT seconds, or what is left before DEADLINE_S (less a 15 s margin for
-# the rest of the command), whichever is less; skipped with a message when under 10 s are left.
+# the rest of the command), whichever is less; skipped with a message when under 10 s are left. The benches catch
+# timeout's SIGTERM and still print and write what they measured, marked partial (bench/common.py).
 bounded() {
   local limit=$1 left=$((DEADLINE_S - SECONDS - 15))
   shift
@@ -90,15 +91,17 @@ stability_start() {
 }
 
 faster_decode_cache() {
-  # The cache whose step-bench median step was faster; nothing (the preset's choice) if step-bench did not run.
+  # The cache whose step-bench median step was faster; nothing (the preset's choice) if step-bench timed no step for
+  # either (a bench stopped early writes the steps it timed, possibly none).
   "$PYTHON" - "$OUT" <<'PY'
 import json, pathlib, sys
 
 times = {}
 for cache in ("static", "dynamic"):
     path = pathlib.Path(sys.argv[1]) / f"step-{cache}.json"
-    if path.is_file():
-        times[cache] = json.loads(path.read_text())["seconds"]["step_time_s"]["median"]
+    step = json.loads(path.read_text()).get("seconds", {}).get("step_time_s") if path.is_file() else None
+    if step:
+        times[cache] = step["median"]
 print(min(times, key=times.get) if times else "")
 PY
 }
@@ -170,8 +173,9 @@ gpu_tests() {
 }
 
 kernel_bench() {
-  # Most telling first: the MoE layer table (issue 7's goals), then the profile of where its time goes, the whole
-  # model, and the loss. Every script runs whatever the others did; the phase fails if any did.
+  # Most telling first: the MoE layer table (issue 7's goals); then the loss bench (issue 2's only GPU goal, seconds
+  # of GPU work), the profile of where the layer's time goes, and the whole model, which gets what is left. Every
+  # script runs whatever the others did; the phase fails if any failed or was stopped (its JSON is then partial).
   local failed=() small=() profile=() size=(--device "$DEVICE" --batch 512 --length 8192 --repeats 20 --warmup 5)
   if ((SMALL)); then
     small=(--device "$DEVICE" --small)
@@ -179,10 +183,10 @@ kernel_bench() {
     size=(--device "$DEVICE" --batch 8 --length 64 --repeats 2 --warmup 1)
   fi
   bounded 150 "$PYTHON" bench/bench_moe_layer.py "${small[@]}" --json "$OUT/moe_layer.json" || failed+=(moe_layer)
+  bounded 90 "$PYTHON" bench/bench_losses.py "${size[@]}" --json "$OUT/losses.json" || failed+=(losses)
   bounded 90 "$PYTHON" bench/profile_moe_layer.py "${profile[@]}" --json "$OUT/profile_moe_layer.json" ||
     failed+=(profile_moe_layer)
   bounded 150 "$PYTHON" bench/bench_moe_model.py "${small[@]}" --json "$OUT/moe_model.json" || failed+=(moe_model)
-  bounded 90 "$PYTHON" bench/bench_losses.py "${size[@]}" --json "$OUT/losses.json" || failed+=(losses)
   ls -l "$OUT"/*.json
   if ((${#failed[@]})); then
     say "kernel-bench: failed or stopped: ${failed[*]}"
