@@ -1,6 +1,7 @@
 """The PolicyLoss adapter inside OpenRLHF's actor path: same call, same tuple, our loss and metrics."""
 
 import os
+import re
 import sys
 
 import helpers_plugin
@@ -17,8 +18,8 @@ from openrlhf_gmpo.openrlhf_plugin.version import check_openrlhf_version
 
 def test_installed_contract_is_the_0_11_2_five_tuple():
     # OpenRLHF 0.11.2 returns (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio); asking the class itself says 5.
-    assert loss_adapter.installed_policy_loss_contract() == 5
-    assert check_openrlhf_version().startswith("0.11.")
+    loss_adapter.check_installed_policy_loss()  # raises unless the installed PolicyLoss has the 0.11.2 contract
+    assert check_openrlhf_version() == "0.11.2"
 
 
 def test_loss_on_openrlhf_actor_log_probs_equals_compute_policy_loss(tmp_path, monkeypatch):
@@ -91,11 +92,6 @@ def test_gspo_ours_runs_our_gspo_and_native_names_stay_openrlhf():
         loss_adapter.OpenRLHFPolicyLoss("ppo", 0.2, 0.2)
 
 
-def test_four_tuple_for_openrlhf_0_11_0():
-    outputs = loss_adapter.OpenRLHFPolicyLoss("grpo", 0.2, 0.2, num_outputs=4)(**helpers_plugin.loss_inputs())
-    assert len(outputs) == 4
-
-
 def test_metrics_join_the_training_step_status_under_gmpo_prefix():
     # The dict shape ActorPPOTrainer.training_step returns; OpenRLHF weights 0-d tensors by tokens by default.
     status = {"metrics": {"policy_loss": torch.tensor(0.5)}, "weights": {"policy_loss": "token"}}
@@ -143,11 +139,12 @@ def test_policy_actor_class_per_loss_and_backend():
     assert megatron.__ray_actor_class__ is MegatronPolicyActor  # wrapped with ray.remote for RayActorGroup
 
 
-def test_version_check_refuses_other_series(monkeypatch):
+@pytest.mark.parametrize("installed", ["0.11.1", "0.11.0", "0.12.0"])
+def test_version_check_refuses_every_other_release(monkeypatch, installed):
     from openrlhf_gmpo.openrlhf_plugin import version
 
-    monkeypatch.setattr(version, "version", lambda name: "0.12.0")
-    with pytest.raises(
-        SystemExit, match=r"installed openrlhf is 0\.12\.0, but this plugin supports only openrlhf 0\.11\.x"
-    ):
+    # 0.11.0 and 0.11.1 parse other flags and return a 4-tuple: the same series is not enough.
+    monkeypatch.setattr(version, "version", lambda name: installed)
+    message = rf"installed openrlhf is {re.escape(installed)}, but this plugin supports only openrlhf 0\.11\.2"
+    with pytest.raises(SystemExit, match=message):
         version.check_openrlhf_version()

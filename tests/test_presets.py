@@ -83,6 +83,20 @@ def test_preset_resolves_to_its_values_and_the_intended_setup(path):
     assert args.vllm.num_engines * args.vllm.tensor_parallel_size == gpus
 
 
+@pytest.mark.parametrize("path", helpers_plugin.PRESETS, ids=PRESET_IDS)
+def test_preset_prompt_template_works_in_openrlhfs_own_dataset_code(path):
+    from openrlhf.datasets.prompts_dataset import preprocess_data
+
+    args = helpers_plugin.dry_run("--preset", path).args
+    if args.data.input_template is None:
+        pytest.skip("no input template in this preset")
+    # What PromptDataset does with each row, with the preset's own keys.
+    row = {args.data.input_key: "What is 1+1?", args.data.label_key: "2"}
+    prompt, label = preprocess_data(row, args.data.input_template, args.data.input_key, args.data.label_key)
+    assert "What is 1+1?" in prompt and label == "2"
+    assert "\\boxed{}" in prompt  # the literal braces of the instruction survive formatting
+
+
 def test_command_line_overrides_the_preset_and_the_command_shows_each_flag_once():
     path = os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml")
     argv = ["--actor.eps_clip_low_high", "0.3", "0.25", "--train.seed", "7", "--reward.clip_range", "-5", "5"]
@@ -93,6 +107,19 @@ def test_command_line_overrides_the_preset_and_the_command_shows_each_flag_once(
     assert plan.tokens.count("--actor.eps_clip_low_high") == 1
     flag = plan.tokens.index("--actor.eps_clip_low_high")
     assert plan.tokens[flag + 1 : flag + 3] == ["0.3", "0.25"]
+
+
+def test_eps_clip_on_the_command_line_overrides_the_presets_clip_pair():
+    # Every preset sets eps_clip_low_high, which OpenRLHF prefers over eps_clip: the user's eps_clip must still win.
+    path = os.path.join(helpers_plugin.ROOT, "configs", "qwen3-30b-a3b_gmpo.yaml")
+    plan = helpers_plugin.dry_run("--preset", path, "--actor.eps_clip", "0.1")
+    assert tuple(plan.args.actor.eps_clip_low_high) == (0.1, 0.1)
+    assert "--actor.eps_clip_low_high" not in plan.tokens
+    # Both given: the explicit pair wins, as in OpenRLHF.
+    plan = helpers_plugin.dry_run(
+        "--preset", path, "--actor.eps_clip", "0.1", "--actor.eps_clip_low_high", "0.3", "0.2"
+    )
+    assert tuple(plan.args.actor.eps_clip_low_high) == (0.3, 0.2)
 
 
 def test_abbreviated_flags_are_resolved_like_argparse_does():
@@ -195,6 +222,11 @@ BAD_PRESETS = {
     "KL penalty in the reward with our loss": (
         BASE + "actor.policy_loss_type: gmpo\nalgo.advantage.estimator: group_norm\nrollout.n_samples_per_prompt: 2\n",
         "--algo.kl.init_coef 0.01: a KL penalty folded into the reward varies per token",
+    ),
+    "input template with literal braces": (
+        BASE + 'data.input_template: "answer in \\\\boxed{}. {}"\n',
+        "--data.input_template 'answer in \\\\boxed{}. {}': OpenRLHF fills it with template.format(prompt), which "
+        "fails here (IndexError",
     ),
     "loss aggregation with our loss": (
         BASE + "actor.policy_loss_type: grpo\nactor.loss_agg_mode: seq-mean-token-mean\n",

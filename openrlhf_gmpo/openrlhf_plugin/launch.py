@@ -86,6 +86,7 @@ def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
     preset_tokens = preset_to_tokens(plan.preset_source, plan.preset, parser)
     if preset_tokens:
         _check_preset_alone(plan.preset_source, parser, parse, preset_tokens)
+        preset_tokens = _yield_to_user_flags(parser, preset_tokens, plan.openrlhf_argv)
     args = parse([*preset_tokens, *plan.openrlhf_argv])
     plan.tokens = last_occurrences(parser, [*preset_tokens, *plan.openrlhf_argv])
 
@@ -102,6 +103,29 @@ def _on_parse(plan: LaunchPlan, parser, parse, module_globals):
 
     module_globals["train"] = train
     return args
+
+
+# A user flag on the left overrides a preset entry on the right that OpenRLHF would otherwise let win: OpenRLHF uses
+# --actor.eps_clip only when --actor.eps_clip_low_high is unset, and every preset sets the latter.
+PRESET_ENTRIES_OVERRIDDEN_BY = {"actor.eps_clip": "actor.eps_clip_low_high"}
+
+
+def _yield_to_user_flags(parser, preset_tokens: list[str], user_tokens: list[str]) -> list[str]:
+    """The preset's tokens without the entries a user flag is meant to override (PRESET_ENTRIES_OVERRIDDEN_BY)."""
+    user_dests = {action.dest for token in user_tokens if (action := _flag_action(parser, token)) is not None}
+    dropped = {
+        overridden
+        for flag, overridden in PRESET_ENTRIES_OVERRIDDEN_BY.items()
+        if flag in user_dests and overridden not in user_dests
+    }
+    kept, keep = [], True
+    for token in preset_tokens:
+        action = _flag_action(parser, token)
+        if action is not None:
+            keep = action.dest not in dropped
+        if keep:
+            kept.append(token)
+    return kept
 
 
 def last_occurrences(parser, tokens: list[str]) -> list[str]:
@@ -150,6 +174,7 @@ def validate_plugin_args(args, backend: str) -> None:
     if not (low > 0 and high > 0):
         raise SystemExit(f"--actor.eps_clip_low_high: both clip bounds must be > 0, got {low} {high}")
     _check_colocated_gpus(args)
+    _check_input_template(args.data.input_template)
     if args.actor.policy_loss_type in OUR_LOSS_TYPES:
         if args.actor.dual_clip is not None:
             raise SystemExit(f"--actor.dual_clip {args.actor.dual_clip}: dual clip is a PPO-loss option, not ours")
@@ -180,6 +205,20 @@ def validate_plugin_args(args, backend: str) -> None:
                 f"only ({', '.join(OUR_LOSS_TYPES)}); OpenRLHF's ppo/gspo run on --backend deepspeed"
             )
         _megatron_args_module().validate_megatron_args(args)
+
+
+def _check_input_template(template: str | None) -> None:
+    """OpenRLHF formats each prompt as `template.format(prompt)` when it builds the dataset, inside the trainer actor
+    after the vLLM engines have started; its own check (`"{}" in template`) misses other braces."""
+    if template is None:
+        return
+    try:
+        template.format("prompt")
+    except (IndexError, KeyError, ValueError) as error:
+        raise SystemExit(
+            f"--data.input_template {template!r}: OpenRLHF fills it with template.format(prompt), which fails here "
+            f"({type(error).__name__}: {error}); it needs exactly one {{}}, and literal braces written {{{{ }}}}"
+        ) from None
 
 
 def _check_colocated_gpus(args) -> None:

@@ -6,8 +6,7 @@ OpenRLHF's `ActorPPOTrainer` builds `self.actor_loss_fn = PolicyLoss(...)` and c
         action_log_probs, old_action_log_probs, advantages, action_mask=..., rollout_log_probs=..., **loss_batch_info)
 
 with `loss_batch_info = {dp_size, batch_num_tokens, global_batch_size}`. `OpenRLHFPolicyLoss` accepts exactly that
-call and returns a tuple as long as the installed PolicyLoss returns (5 in 0.11.2, 4 in 0.11.0), computed by
-`openrlhf_gmpo.losses.compute_policy_loss`.
+call and returns the same 5-tuple, computed by `openrlhf_gmpo.losses.compute_policy_loss`.
 """
 
 import inspect
@@ -38,6 +37,8 @@ FORWARD_PARAMETERS = (
     "global_batch_size",
 )
 
+NUM_OUTPUTS = 5  # (loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)
+
 # Metric names under which our diagnostics reach OpenRLHF's loggers (logged as train/gmpo/<key>), and how OpenRLHF
 # averages each over micro-batches and DP ranks ("token" or "sample" weighted; it has no min/max reduction, so a
 # logged *_min/*_max is the weighted mean of per-micro-batch extrema).
@@ -46,22 +47,22 @@ SAMPLE_WEIGHTED_METRICS = ("seq_ratio_min", "seq_ratio_max", "seq_clip_frac", "r
 SEQUENCE_CLIP_METRICS = ("clip_frac_low", "clip_frac_high")  # sample-weighted for losses that clip whole sequences
 
 
-def installed_policy_loss_contract() -> int:
-    """Check the installed PolicyLoss.forward signature and return how many values it returns.
+def check_installed_policy_loss() -> None:
+    """Refuse an installed PolicyLoss whose call or 5-tuple differs from what the adapter implements.
 
-    The return arity differs between 0.11.0 (4) and 0.11.2 (5) and is not in the signature, so we ask the installed
-    class itself with a one-token batch instead of trusting a version table.
+    The version check has already passed; this asks the installed class itself (signature, and the length of the
+    tuple from a one-token batch), so a patched or rebuilt OpenRLHF fails here and not mid-training.
     """
     from openrlhf.models import PolicyLoss
 
     names = tuple(inspect.signature(PolicyLoss.forward).parameters)[1:]
-    if names != FORWARD_PARAMETERS:
-        raise RuntimeError(
-            f"openrlhf_gmpo: installed PolicyLoss.forward takes {names}, the adapter handles {FORWARD_PARAMETERS}; "
-            "this OpenRLHF build is not supported"
-        )
     one = torch.zeros(1, 1)
-    return len(PolicyLoss()(one, one, one, action_mask=torch.ones(1, 1)))
+    returned = len(PolicyLoss()(one, one, one, action_mask=torch.ones(1, 1))) if names == FORWARD_PARAMETERS else None
+    if names != FORWARD_PARAMETERS or returned != NUM_OUTPUTS:
+        raise RuntimeError(
+            f"openrlhf_gmpo: installed PolicyLoss.forward takes {names} and returns {returned} values; the adapter "
+            f"handles {FORWARD_PARAMETERS} and {NUM_OUTPUTS} (OpenRLHF 0.11.2); this OpenRLHF build is not supported"
+        )
 
 
 class OpenRLHFPolicyLoss(nn.Module):
@@ -80,28 +81,24 @@ class OpenRLHFPolicyLoss(nn.Module):
         clip_eps_low: float,
         clip_eps_high: float,
         rollout_is_cap: float | None = None,
-        num_outputs: int = 5,
     ):
         super().__init__()
         if loss_type not in CLI_TO_REGISTRY:
             raise ValueError(f"loss_type: {loss_type!r} is not one of our losses {OUR_LOSS_TYPES}")
-        if num_outputs not in (4, 5):
-            raise ValueError(f"num_outputs must be 4 (OpenRLHF 0.11.0) or 5 (0.11.2), got {num_outputs}")
         self.loss_type = loss_type
         self.registry_name = CLI_TO_REGISTRY[loss_type]
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.rollout_is_cap = rollout_is_cap
-        self.num_outputs = num_outputs
         self.last_metrics: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_args(cls, args, num_outputs: int) -> "OpenRLHFPolicyLoss":
+    def from_args(cls, args) -> "OpenRLHFPolicyLoss":
         """Build from OpenRLHF's hierarchized args, the same fields OpenRLHF's PolicyLoss is built from."""
         low, high = args.actor.eps_clip_low_high
         correction = args.algo.advantage.is_correction_level != "off"
         cap = args.algo.advantage.is_correction_threshold[1] if correction else None
-        return cls(args.actor.policy_loss_type, low, high, rollout_is_cap=cap, num_outputs=num_outputs)
+        return cls(args.actor.policy_loss_type, low, high, rollout_is_cap=cap)
 
     def forward(
         self,
@@ -137,8 +134,7 @@ class OpenRLHFPolicyLoss(nn.Module):
             vllm_kl, is_filter_ratio = _rollout_mismatch(
                 old_log_probs, rollout_log_probs, action_mask, self.rollout_is_cap
             )
-        outputs = (loss, clip_ratio, metrics["approx_kl"], vllm_kl, is_filter_ratio)
-        return outputs[: self.num_outputs]
+        return loss, clip_ratio, metrics["approx_kl"], vllm_kl, is_filter_ratio
 
 
 @torch.no_grad()
@@ -175,7 +171,8 @@ def install_policy_loss(trainer) -> OpenRLHFPolicyLoss:
     Called in the policy actor's Ray worker right after OpenRLHF built the trainer (and its own PolicyLoss, whose
     constructor still validates OpenRLHF's is_correction_* flags).
     """
-    loss_fn = OpenRLHFPolicyLoss.from_args(trainer.args, num_outputs=installed_policy_loss_contract())
+    check_installed_policy_loss()
+    loss_fn = OpenRLHFPolicyLoss.from_args(trainer.args)
     trainer.actor_loss_fn = loss_fn
     openrlhf_training_step = trainer.training_step
 

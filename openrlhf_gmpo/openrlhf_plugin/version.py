@@ -1,9 +1,11 @@
-"""The one OpenRLHF release line this plugin is written against, checked loudly before anything is patched."""
+"""The one OpenRLHF release this plugin is written against, checked loudly before anything is patched."""
 
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-SUPPORTED_SERIES = "0.11"
+# Exactly one release: 0.11.0 and 0.11.1 parse other flags (no --actor.loss_agg_mode, no is_correction_level) and
+# return a 4-tuple from PolicyLoss, and the plugin hooks private structure that can change in any release.
+SUPPORTED_VERSION = "0.11.2"
 
 # Modules OpenRLHF's entry points import at load time that exist only on GPU machines, and how users get them.
 GPU_ONLY_MODULES = {
@@ -13,23 +15,24 @@ GPU_ONLY_MODULES = {
 
 
 def check_openrlhf_version() -> str:
-    """Return the installed OpenRLHF version; raise SystemExit unless it is 0.11.x.
+    """Return the installed OpenRLHF version; raise SystemExit unless it is exactly 0.11.2.
 
     The plugin replaces OpenRLHF's policy loss and reuses its argument parser by hooking private structure
-    (the `__main__` block of openrlhf.cli.train_ppo_ray, PolicyLoss.forward's return tuple), which changes
-    between minor releases, so any other series is refused rather than half-working.
+    (the `__main__` block of openrlhf.cli.train_ppo_ray, PolicyLoss.forward's signature and return tuple, the
+    parsed flags), verified for one release; any other is refused rather than half-working.
     """
     try:
         installed = version("openrlhf")
     except PackageNotFoundError:
         raise SystemExit(
-            f"openrlhf_gmpo: OpenRLHF is not installed; this plugin supports openrlhf {SUPPORTED_SERIES}.x "
-            "(pip install openrlhf==0.11.2)"
+            f"openrlhf_gmpo: OpenRLHF is not installed; this plugin supports openrlhf {SUPPORTED_VERSION} "
+            f"(pip install openrlhf=={SUPPORTED_VERSION})"
         ) from None
-    if installed.split(".")[:2] != SUPPORTED_SERIES.split("."):
+    if installed != SUPPORTED_VERSION:
         raise SystemExit(
-            f"openrlhf_gmpo: installed openrlhf is {installed}, but this plugin supports only "
-            f"openrlhf {SUPPORTED_SERIES}.x (pip install openrlhf==0.11.2)"
+            f"openrlhf_gmpo: installed openrlhf is {installed}, but this plugin supports only openrlhf "
+            f"{SUPPORTED_VERSION} (pip install openrlhf=={SUPPORTED_VERSION}); on a Ray cluster, every node's "
+            "environment needs it"
         )
     return installed
 
