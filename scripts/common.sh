@@ -10,6 +10,19 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # them as absolute paths on storage all nodes share.
 RUNTIME_ENV_JSON="$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", ".cache", "ckpt", "runs", "data", "*.egg-info"]}' "$REPO_ROOT")"
 
+# note_missing_input NAME VALUE: a dry run's note when VALUE is a local path that does not exist here. A Hugging Face
+# Hub id (exactly owner/name) is left alone. A relative path is resolved in the repository, as in the job, which runs
+# in Ray's copy of it.
+note_missing_input() {
+  local name=$1 value=$2
+  [[ $value =~ ^[^/.][^/]*/[^/]+$ && ! -e $REPO_ROOT/$value ]] && return 0 # a Hub id
+  if [[ $value == /* && ! -e $value ]]; then
+    echo "# note: $name $value does not exist here; the job needs it at this path on every node" >&2
+  elif [[ $value != /* && ! -e $REPO_ROOT/$value ]]; then
+    echo "# note: $name $value is not in the repository; the job reads it from its copy of the repository" >&2
+  fi
+}
+
 # submit_preset PRESET [OPENRLHF_FLAG ...]
 # The calling script sets NODES, GPUS_PER_NODE, VLLM_TP (vLLM engines = NODES * GPUS_PER_NODE / VLLM_TP, colocated),
 # MODEL and DATASET; the flags after PRESET (the script's own, then the user's) override the preset and these.
@@ -36,6 +49,8 @@ submit_preset() {
   )
   local launcher=(-m openrlhf_gmpo.train_ppo_ray --preset "$1" "${cluster[@]}" "${inputs[@]}" "${outputs[@]}" "${@:2}")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    note_missing_input "MODEL" "$MODEL"
+    note_missing_input "DATASET" "$DATASET"
     (cd "$REPO_ROOT" && "${PYTHON:-python3}" "${launcher[@]}" --dry-run)
     return
   fi

@@ -60,6 +60,24 @@ def test_dry_run_command_resolves_through_openrlhf_parser(script, tmp_path, monk
     assert args.train.seed == 11  # "$@" passed through, after the preset and the script's own flags
 
 
+def test_dry_run_notes_local_inputs_that_do_not_exist(tmp_path):
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "dense", "qwen2.5-math-7b_gmpo.sh")
+    env = dict(os.environ, DRY_RUN="1", PYTHON=recorder(tmp_path, "python"))
+    cases = {  # (MODEL, DATASET) -> the notes expected on stderr
+        (str(tmp_path / "absent-model"), "someone/math-prompts"): [f"MODEL {tmp_path / 'absent-model'} does not exist"],
+        (str(tmp_path), "no-such/train/p.jsonl"): ["DATASET no-such/train/p.jsonl is not in the repository"],
+        ("Qwen/Qwen2.5-Math-7B", str(tmp_path)): [],  # a Hub id and an existing path: nothing to say
+    }
+    for (model, dataset), notes in cases.items():
+        result = run_script(script, dict(env, MODEL=model, DATASET=dataset))
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if line.startswith("# note:")] == [
+            f"# note: {note}" + (" here; the job needs it at this path on every node" if "does not" in note else
+                                 "; the job reads it from its copy of the repository")
+            for note in notes
+        ]  # fmt: skip
+
+
 def test_dry_run_end_to_end_with_the_real_interpreter(stub_env):
     script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "countdown_200m_gmpo.sh")
     env = dict(stub_env, DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
