@@ -14,7 +14,7 @@ from openrlhf_gmpo.stability.data import encode_prompt
 from openrlhf_gmpo.stability.hf_engine import PROMPT_BUCKET, HFEngine
 
 
-def _engine(decode_cache: str, experts: str | None = None) -> HFEngine:
+def _engine(decode_cache: str, experts: str | None = None, sharpen: bool = False) -> HFEngine:
     tokenizer = build_tokenizer()
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     engine = HFEngine(
@@ -22,13 +22,17 @@ def _engine(decode_cache: str, experts: str | None = None) -> HFEngine:
     )
     if experts is not None:
         engine.model.set_experts_implementation(experts)
+    if sharpen:  # larger weights: a random model's greedy tokens then depend on the context, not one constant token
+        with torch.no_grad():
+            for param in engine.model.parameters():
+                param.mul_(8.0)
     return engine
 
 
-def _prompts() -> list[list[int]]:
+def _prompts(seed: int = 5) -> list[list[int]]:
     tokenizer = build_tokenizer()
     # 3- and 4-number tasks: prompt lengths differ, so rows carry different amounts of left padding
-    return [encode_prompt(tokenizer, t) for t in generate_tasks(12, seed=5, min_numbers=3, max_numbers=4)]
+    return [encode_prompt(tokenizer, t) for t in generate_tasks(12, seed=seed, min_numbers=3, max_numbers=4)]
 
 
 def _greedy(engine: HFEngine, prompts, new_tokens: int = 24):
@@ -47,17 +51,39 @@ def test_static_cache_pads_prompts_to_a_bucket_and_decodes_the_same_tokens():
 
 
 def test_compiled_static_decoding_captures_one_full_graph_and_matches_eager(monkeypatch):
-    # grouped_mm experts, as the engine runs them on CUDA (HF's eager experts loop over a data-dependent expert list
-    # and cannot be captured in one graph; the engine uses them only on CPU, where nothing is compiled).
+    # grouped_mm experts, as the engine runs them on CUDA, decode loop included (HF's eager experts loop over a
+    # data-dependent expert list and cannot be captured in one graph; the engine uses them only on CPU, where nothing
+    # is compiled).
     experts = "grouped_mm"
     monkeypatch.setattr(HFEngine, "compile_on_cpu", True)
     prompts = _prompts()
-    reference, _ = _greedy(_engine("dynamic", experts), prompts)
-    engine = _engine("static", experts)
+    other_prompts = _prompts(seed=6)
+    dynamic = _engine("dynamic", experts, sharpen=True)
+    reference, _ = _greedy(dynamic, prompts)
+    other_reference, _ = _greedy(dynamic, other_prompts)
+    engine = _engine("static", experts, sharpen=True)
     first, _ = _greedy(engine, prompts)  # compiles (fullgraph=True: a graph break raises here)
-    second, _ = _greedy(engine, prompts)  # reuses the compiled step
+    (cache,) = engine._static_caches.values()
+    # Other prompts of the same shape: the same cache, reset in place (stale keys of the first call would change the
+    # tokens), and the compiled step reused.
+    second, _ = _greedy(engine, other_prompts)
+    assert list(engine._static_caches.values()) == [cache]
     assert torch.equal(first, reference)
-    assert torch.equal(second, reference)
+    assert torch.equal(second, other_reference)
+    assert not torch.equal(first, second)
+
+
+def test_decoding_keeps_grouped_mm_experts_on_accelerators(monkeypatch):
+    from openrlhf_gmpo.stability.hf_engine import keep_experts_implementation_while_decoding
+
+    model = _engine("dynamic", "grouped_mm").model
+    # What generate() does around its decode loop, as it would on a GPU: Hugging Face swaps in batched_mm there.
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    with model._optimize_model_for_decode():
+        assert set(model.get_experts_implementation().values()) == {"batched_mm"}
+    keep_experts_implementation_while_decoding(model)
+    with model._optimize_model_for_decode():
+        assert set(model.get_experts_implementation().values()) == {"grouped_mm"}
 
 
 def test_sampling_with_a_static_cache_is_seeded_and_stops_at_eos():

@@ -4,11 +4,19 @@ On CUDA the model runs in bf16 with grouped_mm experts (FACTS.md: ~2x faster gen
 eager experts at 200M), while AdamW updates fp32 master weights: RL learning rates are far below bf16's resolution, so
 updating bf16 weights in place would round most updates away. On CPU everything stays fp32.
 
+Decoding keeps grouped_mm experts. Hugging Face (5.15-5.17) switches them to `batched_mm` for the decode loop on any
+accelerator, which gathers a copy of each token's expert weights: at the 200m preset's 512 rows that is 2.4 GB written
+and read per layer and decode step, against 38 MB of expert weights that grouped_mm reads once. FACTS.md's ~22 ms per
+decode step was measured with that switch in place.
+
 `decode_cache="static"` decodes into a fixed-size KV cache; on CUDA Hugging Face then compiles the decode step
-(torch.compile, CUDA graphs). A 200M model's decode step is mostly launch overhead (~22 ms per token, FACTS.md), which
-the graphs remove. Prompts are left-padded to a multiple of PROMPT_BUCKET so a handful of graphs serve every batch.
+(torch.compile, CUDA graphs), which removes the per-kernel launch overhead. One cache per (rows, length) is kept and
+reset between calls: a new cache per call would give the graph new input addresses, so it would be re-recorded every
+RL step (and torch 2.11 stops using CUDA graphs after 128 such re-records). Prompts are left-padded to a multiple of
+PROMPT_BUCKET so a handful of graphs serve every batch.
 """
 
+import contextlib
 import copy
 from typing import Any
 
@@ -51,7 +59,9 @@ class HFEngine:
         if self.device.type == "cuda":
             model = to_low_precision(model, torch.bfloat16)
             model.set_experts_implementation("grouped_mm")
+            keep_experts_implementation_while_decoding(model)
         self.model = model.to(self.device)
+        self._static_caches: dict[tuple[int, int], Any] = {}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = MasterAdamW(self.params, master_weights)  # fp32 masters only when the model is not fp32
         self.reference = None
@@ -85,7 +95,7 @@ class HFEngine:
             pad_token_id=self.pad_id,
             use_cache=True,
             **sampling,
-            **(self._static_cache_options() if static else {}),
+            **(self._static_cache_options(len(prompts), ids.shape[1] + max_new_tokens) if static else {}),
         )
         response = out[:, ids.shape[1] :]
         # keep tokens up to and including the first EOS; anything after it is padding
@@ -96,10 +106,15 @@ class HFEngine:
             torch.cat([ids, response], dim=1), torch.cat([mask, (~after_eos).long()], dim=1), ids.shape[1]
         )
 
-    def _static_cache_options(self) -> dict[str, Any]:
-        from transformers import CompileConfig
+    def _static_cache_options(self, rows: int, length: int) -> dict[str, Any]:
+        from transformers import CompileConfig, StaticCache
 
-        options: dict[str, Any] = {"cache_implementation": "static"}
+        cache = self._static_caches.get((rows, length))
+        if cache is None:  # sized and placed by its first update
+            cache = self._static_caches[(rows, length)] = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()  # zeroed in place: same addresses, so the compiled decode step replays its graph
+        options: dict[str, Any] = {"past_key_values": cache}
         if self.device.type == "cuda" or self.compile_on_cpu:
             # fullgraph: a graph break would silently fall back to slow partial graphs; dynamic=False: one graph per
             # (batch, width), never a slower dynamic-shape graph.
@@ -176,3 +191,14 @@ class HFEngine:
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state)
+
+
+def keep_experts_implementation_while_decoding(model) -> None:
+    """Stop Hugging Face's generate from swapping grouped_mm experts for batched_mm in its decode loop (see the module
+    docstring); the swap lives in the private context manager `_optimize_model_for_decode` (transformers 5.15-5.17)."""
+    if not hasattr(model, "_optimize_model_for_decode"):
+        raise RuntimeError(
+            "transformers no longer has GenerationMixin._optimize_model_for_decode; check how this version picks the "
+            "experts implementation for decoding before running the 200m preset"
+        )
+    model._optimize_model_for_decode = contextlib.nullcontext

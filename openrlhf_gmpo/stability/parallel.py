@@ -1,7 +1,7 @@
 """`--parallel`: one process per algorithm on the same device, after the shared warm start.
 
-The 200m model's RL step leaves the GPU idle most of the time (generation is mostly per-token launch overhead), so two
-processes on one GPU train both algorithms in little more than the time of one. Each child trains and checkpoints
+The 200m model's RL step leaves the GPU partly idle (small per-token decode kernels, host-side work), so two processes
+on one GPU overlap each other's gaps. Each child trains and checkpoints
 exactly as a sequential run does (same seeds, same checkpoint files), so a sequential command can resume a parallel
 run and vice versa; the parent then writes the combined outputs from the step records in the checkpoints, without
 building a model again.
