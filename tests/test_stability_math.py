@@ -112,3 +112,16 @@ def test_verdict_fails_on_kl_and_on_an_accuracy_drop():
     assert not verdict["checks"]["kl_ref"]["passed"] and verdict["checks"]["kl_ref"]["max"] == 0.2
     # 0.20 < 0.27
     assert not verdict["checks"]["val_accuracy"]["passed"]
+
+
+def test_metrics_records_read_back_with_non_finite_values_and_a_cut_last_line(tmp_path):
+    from openrlhf_gmpo.stability.report import json_line, read_records
+
+    records = [{"algo": "gmpo", "step": 1, "grad_norm": float("nan"), "token_ratio_max": float("inf")},
+               {"algo": "gmpo", "step": 2, "grad_norm": 0.5, "token_ratio_max": -float("inf")}]  # fmt: skip
+    path = tmp_path / "metrics-gmpo.jsonl"
+    path.write_text("".join(json_line(r) + "\n" for r in records) + '{"algo": "gmpo", "st')  # killed mid-line
+    back = read_records(path)
+    assert [r["step"] for r in back] == [1, 2] and back[0]["algo"] == "gmpo"
+    assert math.isnan(back[0]["grad_norm"]) and back[0]["token_ratio_max"] == math.inf
+    assert back[1]["token_ratio_max"] == -math.inf

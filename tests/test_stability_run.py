@@ -103,6 +103,16 @@ def test_killed_run_resumes_to_the_same_metrics(cli_run, workdir):
     assert [r["step"] for r in _lines(opts.out_dir / "metrics.jsonl")] == [1, 2, 3]
     assert not (opts.out_dir / "checkpoints" / "grpo.pt").exists()
 
+    # The stopped run's report, from what it logged (all 3 steps, not just the 2 checkpointed), without training.
+    argv = ["stability", "--preset", str(preset), "--steps", str(STEPS), "--out", str(opts.out_dir),
+            "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--report-only"]  # fmt: skip
+    with pytest.raises(SystemExit, match="no step records of grpo"):
+        cli_main(argv)
+    assert cli_main([*argv, "--algos", "gmpo"]) == 0
+    assert json.loads((opts.out_dir / "verdict.json").read_text())["gmpo"]["steps"] == 3
+    assert "- steps recorded (run stopped or still going): {'gmpo': 3}" in (opts.out_dir / "report.md").read_text()
+    assert [r["step"] for r in _lines(opts.out_dir / "metrics.jsonl")] == [1, 2, 3]  # left as the run wrote it
+
     resumed = RunOptions(**{**opts.__dict__, "fresh": False})
     run_stability(cfg, resumed, log=lambda *_: None)
     # bit-identical metrics except wall-clock timings: same prompts, samples, updates and evaluations

@@ -109,7 +109,12 @@ PY
 progress() {
   tail -n 2 "$RUN/driver.log" 2>/dev/null
   for log in "$RUN"/logs/*.log; do
-    [[ -f $log ]] && echo "$(basename "$log"): $(grep -E ' step [0-9]+:' "$log" | tail -n 1)"
+    [[ -f $log ]] || continue
+    echo "$(basename "$log"): $(grep -E ' step [0-9]+:' "$log" | tail -n 1)"
+    # a child that died says so now, not when the other child finishes
+    if grep -qE '^Traceback|Error|exited with code' "$log"; then
+      echo "$(basename "$log") FAILED:" && tail -n 5 "$log"
+    fi
   done
 }
 
@@ -148,12 +153,16 @@ stability_wait() {
 }
 
 collect() {
-  # collect [partial]: pack the run's outputs into $OUT (the device call brings $OUT back). Partial: the per-algorithm
-  # metrics written so far and the logs, as $OUT/stability-$PRESET-partial.tgz.
-  local names=(report.md verdict.json metrics.jsonl ratio_range.png training_curves.png run.json driver.log logs)
+  # collect [partial]: pack the run's outputs into $OUT (the device call brings $OUT back). Partial: first the
+  # verdict, report and plots of the steps recorded so far (--report-only: no training, seconds of CPU), then those,
+  # the per-algorithm metrics and the logs, as $OUT/stability-$PRESET-partial.tgz.
+  local names=(report.md verdict.json metrics.jsonl ratio_range.png training_curves.png run.json warm_start.json
+    driver.log logs)
   local archive=$OUT/stability-$PRESET.tgz files=()
   if [[ ${1:-} == partial ]]; then
-    names+=(metrics-gmpo.jsonl metrics-grpo.jsonl)
+    "$PYTHON" -m openrlhf_gmpo stability --preset "$PRESET" --steps "$STEPS" --out "$RUN" --report-only \
+      >"$RUN/report-only.log" 2>&1 || say "no partial report yet: $(tail -n 1 "$RUN/report-only.log")"
+    names+=(metrics-gmpo.jsonl metrics-grpo.jsonl report-only.log)
     archive=$OUT/stability-$PRESET-partial.tgz
   fi
   for name in "${names[@]}"; do

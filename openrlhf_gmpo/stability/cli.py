@@ -39,6 +39,12 @@ def register(subparsers) -> None:
         default=None,
         help="run once per seed (e.g. 1-3 or 1,4,7), each in <out>/seed-N/; <out>/seeds.md counts passes per algorithm",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training: verdict, report and plots from the step records the run in --out has written so far "
+        "(a stopped or still running run)",
+    )
     parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # a --parallel child process
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", dest="fresh", action="store_false", help="continue from checkpoints (default)")
@@ -50,7 +56,7 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from openrlhf_gmpo.stability.parallel import run_parallel
-    from openrlhf_gmpo.stability.runner import run_stability
+    from openrlhf_gmpo.stability.runner import report_only, run_stability
     from openrlhf_gmpo.stability.seeds import parse_seeds, run_seeds
 
     cfg = _config(args)
@@ -61,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     opts = _options(args, cfg)
 
     def run_one(cfg, opts) -> dict:
+        if args.report_only:
+            return report_only(cfg, opts)
         return run_parallel(cfg, opts, args.preset) if args.parallel and not args.part else run_stability(cfg, opts)
 
     verdicts_by_seed = {None: run_one(cfg, opts)} if seeds is None else run_seeds(cfg, opts, seeds, run_one)

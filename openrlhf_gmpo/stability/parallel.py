@@ -35,6 +35,7 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
     ready = prepare(cfg, opts, log=log)  # data and warm start land in the cache the children read
     device, warm = ready.device, ready.warm
     del ready
+    write_run_json(cfg, opts, device)  # now, not at the end: a stopped run's --report-only reads it
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()  # the children need the memory; this process only waits from here on
@@ -51,12 +52,17 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
                 )
             children[algo] = (process, path)
             log(f"{algo}: training in process {process.pid}; progress in {path}")
-        failed = []
-        for algo, (process, path) in children.items():
-            code = process.wait()
-            log(f"{algo}: {'done' if code == 0 else f'exited with code {code}'}")
-            if code != 0:
-                failed.append(f"{algo} exited with code {code} (see {path})")
+        failed, running = [], dict(children)
+        while running:  # each exit is logged when it happens: a crashed child must not wait for the other to finish
+            time.sleep(0.2)
+            for algo, (process, path) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[algo]
+                log(f"{algo}: {'done' if code == 0 else f'exited with code {code} (see {path})'}")
+                if code != 0:
+                    failed.append(f"{algo} exited with code {code} (see {path})")
     finally:
         for process, _ in children.values():
             if process.poll() is None:  # we were interrupted: do not leave orphans training on the GPU
@@ -64,7 +70,6 @@ def run_parallel(cfg: StabilityConfig, opts: RunOptions, preset: str, log=print)
     if failed:
         raise SystemExit(f"--parallel: {'; '.join(failed)}; rerun the same command to resume from the checkpoints")
     records_by_algo = {algo: state.load(checkpoint_path(opts, algo))["records"] for algo in opts.algos}
-    write_run_json(cfg, opts, device)
     lines = [json_line(record) + "\n" for records in records_by_algo.values() for record in records]
     (opts.out_dir / "metrics.jsonl").write_text("".join(lines))
     for algo in opts.algos:

@@ -41,6 +41,25 @@ def json_line(record: dict) -> str:
     return json.dumps(_plain(record), sort_keys=True, allow_nan=False)
 
 
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The step records of a metrics jsonl file, non-finite numbers restored (the inverse of json_line). A last line
+    cut short (the run was writing it, or was killed while it did) is skipped."""
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
+    return records
+
+
 def write_json(obj, path: Path) -> None:
     path.write_text(json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
 

@@ -1,5 +1,6 @@
 """`openrlhf-gmpo stability` end to end: data, warm start, RL per algorithm, outputs."""
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch
 
 from openrlhf_gmpo.stability import state
 from openrlhf_gmpo.stability.config import StabilityConfig
-from openrlhf_gmpo.stability.report import json_line, write_json, write_outputs
+from openrlhf_gmpo.stability.report import json_line, read_records, write_json, write_outputs
 from openrlhf_gmpo.stability.verdict import judge
 
 
@@ -48,6 +49,7 @@ OUTPUTS = (
     "report.md",
     "ratio_range.png",
     "training_curves.png",
+    "warm_start.json",
 )
 
 
@@ -100,6 +102,7 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
     warm = warm_start(
         engine, tokenizer, cfg, train_tasks, eval_tasks, cache_path(cfg, opts.cache_dir, opts.engine, device), log=log
     )
+    write_json(warm, out_dir / "warm_start.json")  # what --report-only needs of the warm start
     if warm["val_accuracy"] < cfg.sft.min_val_accuracy:
         # Not fatal (the run still shows how the losses behave), but groups without a correct sample have zero
         # advantage, so RL from here says little; the report repeats this.
@@ -168,8 +171,37 @@ def write_run_json(cfg: StabilityConfig, opts: RunOptions, device: str) -> None:
     write_json(record, opts.out_dir / "run.json")
 
 
+def report_only(cfg: StabilityConfig, opts: RunOptions, log=print) -> dict:
+    """Verdicts, report.md and plots from the step records a run has written so far, without training: for a run
+    that was stopped (e.g. at the end of a GPU session) or is still going. Returns the verdicts by algorithm."""
+    started, out_dir = time.perf_counter(), opts.out_dir
+    warm_path = out_dir / "warm_start.json"
+    if not warm_path.is_file():
+        raise SystemExit(f"--report-only: {warm_path} is missing; the run in {out_dir} has not finished its warm start")
+    warm = json.loads(warm_path.read_text())
+    merged = read_records(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").is_file() else []
+    records_by_algo = {}
+    for algo in opts.algos:
+        own = out_dir / f"metrics-{algo}.jsonl"  # a --parallel child's; merged into metrics.jsonl only at the end
+        records = read_records(own) if own.is_file() else [r for r in merged if r["algo"] == algo]
+        if not records:
+            raise SystemExit(f"--report-only: no step records of {algo} in {out_dir}")
+        records_by_algo[algo] = records
+    done = {algo: len(records) for algo, records in records_by_algo.items()}
+    stopped = {"steps recorded (run stopped or still going)": done} if min(done.values()) < opts.steps else {}
+    device = json.loads((out_dir / "run.json").read_text())["device"] if (out_dir / "run.json").is_file() else "unknown"
+    return write_results(cfg, opts, records_by_algo, warm, device, started, log=log, extra_header=stopped)
+
+
 def write_results(
-    cfg: StabilityConfig, opts: RunOptions, records_by_algo: dict, warm: dict, device: str, started: float, log=print
+    cfg: StabilityConfig,
+    opts: RunOptions,
+    records_by_algo: dict,
+    warm: dict,
+    device: str,
+    started: float,
+    log=print,
+    extra_header: dict | None = None,
 ) -> dict:
     """Verdicts, report.md and plots from every algorithm's step records; returns the verdicts by algorithm."""
     out_dir = opts.out_dir
@@ -177,7 +209,7 @@ def write_results(
     header = {
         "preset": cfg.name,
         "date (UTC)": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else device,
         "engine": opts.engine,
         "model": cfg.model.size,
         "RL steps per algorithm": opts.steps,
@@ -188,6 +220,7 @@ def write_results(
         "warm-start accuracy expected (preset)": cfg.sft.min_val_accuracy,
         "warm start reached the expected accuracy": warm["val_accuracy"] >= cfg.sft.min_val_accuracy,
         "wall time of this command (s)": time.perf_counter() - started,
+        **(extra_header or {}),
     }
     write_outputs(out_dir, records_by_algo, verdicts, header, cfg)
     log(f"wrote {out_dir}/metrics.jsonl, report.md, verdict.json, ratio_range.png, training_curves.png")
