@@ -198,6 +198,11 @@ def _updates(engine, batch: TokenBatch, old_log_probs, advantages, algo: AlgoCon
     out["grad_norm"] = _mean(grad_norms)
     out["grad_norm_max"] = max(grad_norms)
     out["updates"] = len(per_update)
+    # Before any update the policy is the one that scored the rollouts, so these ratios should be 1: their distance
+    # from 1 is what the kernels alone put into the ratio range (bf16 on CUDA: a different batch size, near-tied
+    # top-1 routing), not the loss.
+    out["token_ratio_min_first"] = per_update[0]["token_ratio_min"]
+    out["token_ratio_max_first"] = per_update[0]["token_ratio_max"]
     return out
 
 
