@@ -113,10 +113,12 @@ def test_clip_fractions_of_sequence_level_losses_are_sample_weighted():
         "gmpo": "token", "gmpo_seq_clip": "sequence", "gspo": "sequence", "grpo": "token"
     }  # fmt: skip
     for sequence_clip, weight in ((True, "sample"), (False, "token")):
-        status = {"metrics": {}, "weights": {}}
+        # OpenRLHF's training_step status: its ppo_clip_ratio (our clip fractions' sum) is a 0-d tensor, token-weighted
+        status = {"metrics": {"ppo_clip_ratio": torch.tensor(0.25)}, "weights": {"ppo_clip_ratio": "token"}}
         _, metrics = compute_policy_loss("gspo", **helpers_plugin.loss_inputs(), clip_eps_low=0.2, clip_eps_high=0.2)
         loss_adapter.add_loss_metrics(status, metrics, sequence_clip)
         assert status["weights"]["gmpo/clip_frac_low"] == status["weights"]["gmpo/clip_frac_high"] == weight
+        assert status["weights"]["ppo_clip_ratio"] == weight
 
 
 def test_policy_actor_class_per_loss_and_backend():

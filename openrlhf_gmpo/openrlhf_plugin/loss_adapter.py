@@ -162,6 +162,8 @@ def add_loss_metrics(status: dict, metrics: Mapping[str, torch.Tensor], sequence
         name = METRIC_PREFIX + key
         status["metrics"][name] = value.detach()
         status["weights"][name] = "sample" if key in sample_weighted else "token"
+    if sequence_clip and "ppo_clip_ratio" in status["weights"]:
+        status["weights"]["ppo_clip_ratio"] = "sample"  # OpenRLHF's own clip ratio is our clip fractions' sum
     return status
 
 
