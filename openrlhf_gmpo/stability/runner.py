@@ -223,5 +223,5 @@ def write_results(
         **(extra_header or {}),
     }
     write_outputs(out_dir, records_by_algo, verdicts, header, cfg)
-    log(f"wrote {out_dir}/metrics.jsonl, report.md, verdict.json, ratio_range.png, training_curves.png")
+    log(f"wrote report.md, verdict.json, ratio_range.png, training_curves.png in {out_dir}")
     return verdicts
