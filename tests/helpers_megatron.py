@@ -95,6 +95,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def one_process_world():
+    """A one-process gloo world with megatron's parallel state (TP = EP = PP = 1, as the backend builds it), for a
+    test module; torn down on exit. A world some other test left initialised is reused and left alone."""
+    from megatron.core import parallel_state
+
+    from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
+
+    owns_world = not torch.distributed.is_initialized()
+    if owns_world:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    initialize_parallel_state(ParallelSizes(1))
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if owns_world:
+            torch.distributed.destroy_process_group()
+
+
 def init_gloo(rank: int, world_size: int, port: int) -> None:
     """Join a gloo process group; call first thing in a spawned worker."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"

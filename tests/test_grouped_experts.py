@@ -6,7 +6,6 @@ All tokens arrive sorted by expert, as the dispatcher hands them over: rows [0, 
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import helpers_megatron
@@ -15,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 megatron_core = pytest.importorskip("megatron.core")
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.backends import LocalSpecProvider  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
@@ -33,17 +31,9 @@ UNEVEN = [5, 0, 9, 2]
 
 @pytest.fixture(scope="module")
 def pg_collection():
-    """A one-process gloo world with megatron's parallel state (TP = EP = 1), torn down after this module."""
-    owns_world = not torch.distributed.is_initialized()
-    if owns_world:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(helpers_megatron.free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
-    yield ProcessGroupCollection.use_mpu_process_groups()
-    parallel_state.destroy_model_parallel()
-    if owns_world:
-        torch.distributed.destroy_process_group()
+    """megatron's process groups in a one-process gloo world, torn down after this module."""
+    with helpers_megatron.one_process_world():
+        yield ProcessGroupCollection.use_mpu_process_groups()
 
 
 @pytest.fixture

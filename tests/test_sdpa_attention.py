@@ -3,19 +3,16 @@ grouped-query attention (4 heads, 2 KV groups), fp32, outputs and gradients."""
 
 from __future__ import annotations
 
-import os
-
 import helpers_megatron
 import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state  # noqa: E402
+from openrlhf_gmpo.megatron.parallel import ParallelSizes  # noqa: E402
 from openrlhf_gmpo.megatron.sdpa_attention import SDPAttention  # noqa: E402
 
 HEADS, GROUPS, HEAD_DIM, SEQ, BATCH = 4, 2, 8, 7, 3
@@ -23,17 +20,9 @@ HEADS, GROUPS, HEAD_DIM, SEQ, BATCH = 4, 2, 8, 7, 3
 
 @pytest.fixture(scope="module")
 def parallel():
-    """A one-process gloo world with megatron's parallel state (TP = 1), torn down after this module."""
-    owns_world = not torch.distributed.is_initialized()
-    if owns_world:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(helpers_megatron.free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    initialize_parallel_state(ParallelSizes(1))  # megatron's groups and RNG tracker, as the backend makes them
-    yield
-    parallel_state.destroy_model_parallel()
-    if owns_world:
-        torch.distributed.destroy_process_group()
+    """megatron's groups and RNG tracker in a one-process gloo world, torn down after this module."""
+    with helpers_megatron.one_process_world():
+        yield
 
 
 def _config(**overrides):
