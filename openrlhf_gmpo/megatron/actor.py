@@ -188,7 +188,6 @@ class MegatronPolicyActor(BaseModelActor):
 
     def fit(self, kl_ctl: float = 0) -> dict:
         """`train.max_epochs` passes over the buffer in optimizer steps of `train.batch_size` samples (global)."""
-        from megatron.core import parallel_state as ps
 
         args = self.args
         samples = self._samples()
@@ -227,29 +226,28 @@ class MegatronPolicyActor(BaseModelActor):
         status = _mean_over_steps(history)
         status["actor_grad_norm"] = history[-1]["grad_norm"]  # OpenRLHF reports the last step's norm
         status["actor_lr"] = history[-1]["actor_lr"]  # the last step's rate, as OpenRLHF reports it
-        for key in samples[0]["info"]:
-            status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
-        status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
-        self.experiences, self.recorded_routing = [], {}
-        return status
+        return self._end_round(status, samples)
 
     def _skip_update(self, samples: list[dict], per_rank_step: int, with_info: bool) -> dict:
         """No optimizer step when some rank holds less than one step's samples (e.g. the last, partial rollout of a
         pass over the prompts): OpenRLHF's DeepSpeed actor takes no step either, and stopping the job would lose the
         run. The rollout's metrics are still reported; `update_skipped` says what happened."""
-        from megatron.core import parallel_state as ps
-
         print(
             f"MegatronPolicyActor: no update this round: {len(samples)} samples on rank "
             f"{torch.distributed.get_rank()}, fewer than one optimizer step of {per_rank_step} "
             f"(train.batch_size {self.args.train.batch_size} / dp {self.sizes.dp}); they are dropped"
         )
         status = {"update_skipped": 1.0, "actor_lr": self.lr_schedule.lr}
-        for key in samples[0]["info"] if with_info else ():  # the same keys on every rank, or none
+        return self._end_round(status, samples if with_info else [])  # the same keys on every rank, or none
+
+    def _end_round(self, status: dict, samples: list[dict]) -> dict:
+        """`status` plus the rollout's info means over `samples`, averaged over the DP group; the buffer emptied."""
+        from megatron.core import parallel_state as ps
+
+        for key in samples[0]["info"] if samples else ():
             status[key] = torch.stack([s["info"][key].float() for s in samples]).mean().item()
-        status = _mean_over_group(status, ps.get_data_parallel_group(), self.device)
         self.experiences, self.recorded_routing = [], {}
-        return status
+        return _mean_over_group(status, ps.get_data_parallel_group(), self.device)
 
     def _rollout_is_cap(self) -> float | None:
         """The rollout importance-weight cap, as our OpenRLHF loss adapter reads it; None when correction is off."""
