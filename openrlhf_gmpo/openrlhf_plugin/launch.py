@@ -112,38 +112,39 @@ PRESET_ENTRIES_OVERRIDDEN_BY = {"actor.eps_clip": "actor.eps_clip_low_high"}
 
 def _yield_to_user_flags(parser, preset_tokens: list[str], user_tokens: list[str]) -> list[str]:
     """The preset's tokens without the entries a user flag is meant to override (PRESET_ENTRIES_OVERRIDDEN_BY)."""
-    user_dests = {action.dest for token in user_tokens if (action := _flag_action(parser, token)) is not None}
+    user_dests = {dest for dest, _ in _flag_segments(parser, user_tokens)}
     dropped = {
         overridden
         for flag, overridden in PRESET_ENTRIES_OVERRIDDEN_BY.items()
         if flag in user_dests and overridden not in user_dests
     }
-    kept, keep = [], True
-    for token in preset_tokens:
-        action = _flag_action(parser, token)
-        if action is not None:
-            keep = action.dest not in dropped
-        if keep:
-            kept.append(token)
-    return kept
+    kept = [segment for dest, segment in _flag_segments(parser, preset_tokens) if dest not in dropped]
+    return [token for segment in kept for token in segment]
 
 
 def last_occurrences(parser, tokens: list[str]) -> list[str]:
-    """The tokens with every flag but its last occurrence dropped (what argparse keeps), for a readable command.
+    """The tokens with every flag but its last occurrence dropped (what argparse keeps), for a readable command."""
+    last: dict[str, list[str]] = {}
+    for dest, segment in _flag_segments(parser, tokens):
+        last.pop(dest, None)  # re-inserted last, so the order follows the last occurrences
+        last[dest] = segment
+    return [token for segment in last.values() for token in segment]
 
-    Only called on tokens the parser accepted, so every token is a known flag (or an abbreviation argparse accepted)
+
+def _flag_segments(parser, tokens: list[str]) -> list[tuple[str, list[str]]]:
+    """(dest, [flag, its values...]) per flag occurrence, in order.
+
+    Only called on tokens the parser accepts, so every token is a known flag (or an abbreviation argparse accepts)
     or a value of the flag before it.
     """
-    segments: dict[str, list[str]] = {}
-    current: list[str] = []
+    segments: list[tuple[str, list[str]]] = []
     for token in tokens:
         action = _flag_action(parser, token)
         if action is not None:
-            segments.pop(action.dest, None)  # re-inserted last, so the order follows the last occurrences
-            segments[action.dest] = current = [token]
-        else:
-            current.append(token)
-    return [token for segment in segments.values() for token in segment]
+            segments.append((action.dest, [token]))
+        elif segments:
+            segments[-1][1].append(token)
+    return segments
 
 
 def _flag_action(parser, token: str):
