@@ -28,7 +28,7 @@ import traceback
 from dataclasses import dataclass
 
 import torch
-from bench_moe_layer import init_megatron
+from bench_moe_layer import init_megatron, peak_gib
 from common import dense_matmul_tflops, device_name, fmt, require_device, run_and_report, time_ms
 
 
@@ -96,6 +96,8 @@ def hf_model(shape: ModelShape, layers: int, experts: str, attention: str | None
     """attention None: HF's default (SDPA)."""
     from transformers import Qwen3MoeForCausalLM
 
+    from openrlhf_gmpo.countdown.model import to_low_precision
+
     config = shape.hf_config(layers, experts)
     if attention is not None:
         config._attn_implementation = attention
@@ -107,12 +109,7 @@ def hf_model(shape: ModelShape, layers: int, experts: str, attention: str | None
             if name.endswith("mlp.gate.weight"):
                 param.normal_(0.0, shape.hidden**-0.5)
     # RoPE frequencies stay fp32, as in megatron: in bf16 the angles at position ~2000 would be off by radians.
-    rotary = model.model.rotary_emb
-    frequencies = {name: getattr(rotary, name) for name in ("inv_freq", "original_inv_freq") if hasattr(rotary, name)}
-    model = model.to(device, dtype)
-    for name, value in frequencies.items():
-        setattr(rotary, name, value)
-    return model.train()
+    return to_low_precision(model, dtype).train()
 
 
 def hf_log_probs(model, input_ids):
@@ -207,7 +204,7 @@ def run(args, result: dict) -> None:
                     tflops=tflops,
                     mfu=tflops / peak if peak else None,
                     max_abs_logprob_diff_vs_hf_eager=(log_probs - reference).abs().max().item(),
-                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                    peak_gib=peak_gib(device),
                 )
             )
             print(f"measured {name} ({layers} layers): {ms:.2f} ms", flush=True)  # in the log even if killed later
