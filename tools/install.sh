@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.12) with torch, OpenRLHF 0.11.2, megatron-core 0.19.2 and this package, editable.
-# Idempotent: skips all work when .venv already matches pyproject.toml and constraints.txt.
+# Idempotent: skips all work when .venv already matches pyproject.toml and the constraints files.
+#
+# constraints.txt holds the pins we chose, with reasons; constraints.lock pins every other package to the versions
+# the suite last passed with (tools/lock.sh writes it), so a new release of a dependency (ruff, numpy, a package
+# OpenRLHF imports) cannot change a fresh install. UNLOCKED=1 installs from constraints.txt alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +14,9 @@ export PYENV_VERSION=${PYENV_VERSION:-3.12.1}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CACHE_DIR=${PIP_CACHE_DIR:-$PWD/.cache/pip}
 
 stamp="$VENV/.openrlhf-gmpo-installed"
-want=$(cat pyproject.toml constraints.txt tools/install.sh | sha256sum | cut -c1-16)
+files=(constraints.txt)
+[[ ${UNLOCKED:-0} == 1 ]] || files+=(constraints.lock)
+want=$(cat pyproject.toml "${files[@]}" tools/install.sh | sha256sum | cut -c1-16)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
@@ -20,7 +26,8 @@ if ! command -v "$PYTHON" >/dev/null; then
   exit 1
 fi
 [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install -q --progress-bar off -c constraints.txt)
+pip=("$VENV/bin/python" -m pip install -q --progress-bar off)
+for file in "${files[@]}"; do pip+=(-c "$file"); done
 
 echo "install.sh: installing into $VENV (first time ~2-5 min: torch, OpenRLHF 0.11.2, megatron-core 0.19.2)"
 "${pip[@]}" --upgrade pip setuptools wheel packaging psutil ninja
