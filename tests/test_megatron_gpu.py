@@ -10,6 +10,8 @@ pytestmark = pytest.mark.gpu
 
 VOCAB = 64
 BATCH, LENGTH, RESPONSE = 8, 96, 48
+# What the GMPO-step test records per step (in the junit XML that tools/gpu_session.sh writes; docs/megatron.md)
+STEP_METRICS = ("policy_loss", "grad_norm", "token_ratio_min", "token_ratio_max")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def _megatron_200m(hf, sizes, **kwargs):
     return model
 
 
-def test_bf16_log_probs_match_hf_as_closely_as_hf_bf16_matches_fp32(single_gpu_megatron):
+def test_bf16_log_probs_match_hf_as_closely_as_hf_bf16_matches_fp32(single_gpu_megatron, record_property):
     from openrlhf_gmpo.countdown.model import to_low_precision
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
 
@@ -63,6 +65,9 @@ def test_bf16_log_probs_match_hf_as_closely_as_hf_bf16_matches_fp32(single_gpu_m
         ours = token_log_probs(model, sequences, mask)[valid]
     hf_error = (hf_bf16.float() - exact).abs().mean().item()
     our_error = (ours - exact).abs().mean().item()
+    record_property("logprob_mean_abs_error_megatron_bf16", our_error)  # docs/megatron.md records these
+    record_property("logprob_mean_abs_error_hf_bf16", hf_error)
+    record_property("logprob_max_abs_error_megatron_bf16", (ours - exact).abs().max().item())
     # Both are bf16 roundings of the same function; ours may differ in summation order, not be much worse.
     assert our_error <= 1.5 * hf_error + 1e-3, (our_error, hf_error)
 
@@ -79,7 +84,7 @@ def test_grouped_experts_replace_sequential_mlp_on_cuda_without_te(single_gpu_me
 
 
 @pytest.mark.parametrize("recompute", [False, True])
-def test_gmpo_steps_raise_the_advantage_weighted_log_probs(single_gpu_megatron, recompute):
+def test_gmpo_steps_raise_the_advantage_weighted_log_probs(single_gpu_megatron, recompute, record_property):
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
     from openrlhf_gmpo.megatron.train import (
         OptimizerOptions,
@@ -102,7 +107,7 @@ def test_gmpo_steps_raise_the_advantage_weighted_log_probs(single_gpu_megatron, 
 
     before = response_log_probs()
     old = None
-    for _ in range(3):
+    for step in range(3):
         with torch.no_grad():
             old = token_log_probs(ddp, sequences, mask)[:, -RESPONSE:]
         micro_batches = [
@@ -115,14 +120,16 @@ def test_gmpo_steps_raise_the_advantage_weighted_log_probs(single_gpu_megatron, 
             global_batch_size=BATCH, dp_size=1,
         )  # fmt: skip
         assert metrics["update_skipped"] == 0.0 and metrics["grad_norm"] > 0
+        record_property(f"step{step}", {key: metrics[key] for key in STEP_METRICS})
     # The policy-gradient objective on this batch, sum_i A_i * mean_t log p: GMPO steps must raise it (sequences
     # share all parameters, so single sequences may move against their advantage; the weighted sum may not).
     objective_before = (advantages * before).sum().item()
     objective_after = (advantages * response_log_probs()).sum().item()
+    record_property("objective_before_after", (objective_before, objective_after))
     assert objective_after > objective_before, (objective_before, objective_after)
 
 
-def test_stability_engine_scores_like_hf_in_bf16_and_takes_a_gmpo_step(single_gpu_megatron):
+def test_stability_engine_scores_like_hf_in_bf16_and_takes_a_gmpo_step(single_gpu_megatron, record_property):
     """`--engine megatron` on the 200m preset's model: bf16 log-probs as close to fp32 HF as HFEngine's, one GMPO
     train_step with the harness's optimizer, and an exact fp32 model-state round trip through the master weights."""
     import math
@@ -144,6 +151,8 @@ def test_stability_engine_scores_like_hf_in_bf16_and_takes_a_gmpo_step(single_gp
     exact = hm.hf_token_log_probs(exact_model, batch.input_ids, batch.attention_mask)[:, batch.prompt_len - 1 :]
     hf_error = (hf.score(batch).log_probs - exact)[mask].abs().mean().item()
     our_error = (engine.score(batch).log_probs - exact)[mask].abs().mean().item()
+    record_property("logprob_mean_abs_error_megatron_engine_bf16", our_error)
+    record_property("logprob_mean_abs_error_hf_engine_bf16", hf_error)
     # As in the first test: both are bf16 roundings of the same function, ours no worse than 1.5x HF's.
     assert our_error <= 1.5 * hf_error + 1e-3, (our_error, hf_error)
 
@@ -165,6 +174,7 @@ def test_stability_engine_scores_like_hf_in_bf16_and_takes_a_gmpo_step(single_gp
     before = objective()
     grad_norm, metrics = engine.train_step(batch, loss_fn)
     hf_grad_norm, _ = hf.train_step(batch, loss_fn)
+    record_property("grad_norm_megatron_hf", (grad_norm, hf_grad_norm))
     assert math.isfinite(metrics["loss"]) and grad_norm > 0
     # Different bf16 kernels (and megatron's fp32 router) round differently; a wrong gradient is off by far more.
     assert grad_norm == pytest.approx(hf_grad_norm, rel=0.1), (grad_norm, hf_grad_norm)

@@ -11,7 +11,7 @@ from openrlhf_gmpo.stability.rl_math import masked_mean
 
 
 @pytest.mark.gpu
-def test_cuda_engine_generates_scores_and_keeps_small_updates_in_fp32():
+def test_cuda_engine_generates_scores_and_keeps_small_updates_in_fp32(record_property):
     tokenizer = build_tokenizer()
     engine = HFEngine(model_size="tiny", vocab_size=len(tokenizer), seed=0, device="cuda",
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)  # fmt: skip
@@ -33,11 +33,12 @@ def test_cuda_engine_generates_scores_and_keeps_small_updates_in_fp32():
     # Adam's first step moves every weight with a non-negligible gradient by exactly lr = 1e-5 (m / sqrt(v) = sign(g)),
     # far below bf16's spacing near typical weights (~1e-4 at 0.02): only the fp32 master copy can hold it.
     largest = max((after[n] - before[n]).abs().max().item() for n in before)
+    record_property("largest_weight_change", largest)
     assert largest == pytest.approx(1e-5, rel=0.05)
 
 
 @pytest.mark.gpu
-def test_static_cache_decoding_is_compiled_on_cuda_and_agrees_with_dynamic_decoding():
+def test_static_cache_decoding_is_compiled_on_cuda_and_agrees_with_dynamic_decoding(record_property):
     tokenizer = build_tokenizer()
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
     prompts = [encode_prompt(tokenizer, t) for t in generate_tasks(64, seed=0, max_numbers=4)]
@@ -57,4 +58,5 @@ def test_static_cache_decoding_is_compiled_on_cuda_and_agrees_with_dynamic_decod
     width = min(dynamic.response_ids.shape[1], static.response_ids.shape[1])  # decoding stops when every row is done
     responses = [(b.response_ids * b.action_mask)[:, :width] for b in (dynamic, static)]
     same_rows = (responses[0] == responses[1]).all(dim=1)
+    record_property("rows_equal_static_dynamic", f"{int(same_rows.sum())}/{len(same_rows)}")
     assert same_rows.float().mean().item() >= 0.5, same_rows
