@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -74,8 +75,8 @@ def _stop(signum, frame):
 def run_and_report(run_fn, summarise_fn, print_fn, args) -> int:
     """run_fn(args, result) fills `result` as it measures (each row appended once measured); summarise_fn(result)
     derives what needs all rows (ratios, goals) from the rows there are; print_fn(result) prints the table. The JSON
-    goes to args.json unless that is None."""
-    result: dict = {"partial": None}
+    goes to args.json unless that is None, naming the script that wrote it (bench/show.py prints it again)."""
+    result: dict = {"bench": Path(sys.argv[0]).stem, "partial": None}
     previous = signal.signal(signal.SIGTERM, _stop)
     error = None
     try:

@@ -136,3 +136,17 @@ def test_layer_bench_script_stopped_by_timeout_writes_partial_json(tmp_path):
     assert written["partial"].startswith("stopped by SIGTERM")
     assert written["rows"][0]["case"].startswith("dense matmul") and len(written["rows"]) >= 2
     assert "PARTIAL RESULT" in printed
+
+    # bench/show.py prints the same report again from the JSON alone (the device tool may cut printed tables)
+    shown = subprocess.run([sys.executable, str(ROOT / "bench" / "show.py"), out], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    header, *report = shown.stdout.splitlines()
+    assert header == f"== {out} (bench_moe_layer)" and len(report) > 3
+    assert "\n".join(report) in printed
+
+
+def test_show_refuses_json_of_no_bench(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"bench": "pytest", "partial": None}))
+    shown = subprocess.run([sys.executable, str(ROOT / "bench" / "show.py"), path], capture_output=True, text=True)
+    assert shown.returncode == 1 and "'bench' is 'pytest', not a script in bench/" in shown.stderr
