@@ -2,10 +2,12 @@ from fractions import Fraction
 
 import helpers_countdown
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
 from openrlhf_gmpo.countdown.scorer import evaluate, literals, parse, score
-from openrlhf_gmpo.countdown.tasks import CountdownTask, generate_tasks, reachable, solve
+from openrlhf_gmpo.countdown.tasks import CountdownTask, generate_tasks, reachable, solve, solve_tree
 
 
 def test_same_seed_same_tasks_other_seed_other_tasks():
@@ -55,6 +57,20 @@ def test_solver_hand_examples():
     # Every number must be used: 5 from (2, 3, 5) is not "5" alone but e.g. 5*(3-2).
     expression = solve((2, 3, 5), 5)
     assert sorted(literals(parse(expression))) == [2, 3, 5] and evaluate(parse(expression)) == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    numbers=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=4),
+    extra_target=st.integers(min_value=-50, max_value=200),
+)
+def test_solve_tree_finds_the_tree_reachable_keeps(numbers, extra_target):
+    # solve_tree searches the whole set for the target only; it must pick the same simplest tree as the exhaustive
+    # table (the SFT traces, and every warm start recorded in docs/, depend on it), and None where there is none.
+    table = reachable(numbers)
+    reachable_ints = sorted(int(v) for v in table if v.denominator == 1)
+    for target in {*reachable_ints[::8], *reachable_ints[-3:], extra_target, 0}:
+        assert solve_tree(numbers, target) == table.get(target), (numbers, target)
 
 
 def test_reachable_values_of_two_numbers():

@@ -213,3 +213,24 @@ def test_a_diverging_run_stops_and_fails_its_verdict(workdir, tmp_path, monkeypa
     verdict = json.loads((tmp_path / "verdict.json").read_text())["gmpo"]
     assert verdict["passed"] is False and verdict["checks"]["finite"]["passed"] is False
     assert "| nan |" in (tmp_path / "report.md").read_text()  # the table shows it, not a min/max that skipped it
+
+
+def test_warm_start_solves_each_training_task_once(workdir, tmp_path, monkeypatch):
+    # 20 SFT steps of 16 tasks draw 320 tasks from 64: solving per step would call the solver 320 times.
+    from openrlhf_gmpo.countdown.tokenizer import build_tokenizer
+    from openrlhf_gmpo.stability import data
+    from openrlhf_gmpo.stability.data import split_tasks
+    from openrlhf_gmpo.stability.hf_engine import HFEngine
+    from openrlhf_gmpo.stability.warmstart import warm_start
+
+    cfg = load_preset(str(helpers_stability.write_mini_preset(workdir)))
+    tokenizer = build_tokenizer()
+    engine = HFEngine(model_size=cfg.model.size, vocab_size=len(tokenizer), seed=cfg.seed, device="cpu",
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)  # fmt: skip
+    train, val = split_tasks(cfg.data, cfg.seed)
+    solved = []
+    real_solve = data.sft_response
+    monkeypatch.setattr(data, "sft_response", lambda task: solved.append(task) or real_solve(task))
+    warm_start(engine, tokenizer, cfg, train, val[: cfg.rl.eval_tasks], tmp_path / "warm.pt", log=lambda *_: None)
+    assert cfg.sft.steps * cfg.sft.batch_size > len(train) == 64
+    assert sorted(solved, key=repr) == sorted(train, key=repr)

@@ -43,32 +43,47 @@ def reachable(numbers) -> dict[int | Fraction, Tree]:
     rather than (44+19)-35, passing through 63.
     """
     numbers = tuple(int(n) for n in numbers)
-    count = len(numbers)
-    # values[mask] maps value -> (cost, tree); cost = (has a fraction, has a negative, largest magnitude)
-    values: list[dict[int | Fraction, tuple[tuple[bool, bool, int | Fraction], Tree]]] = [{} for _ in range(1 << count)]
+    full = (1 << len(numbers)) - 1
+    return {value: tree for value, (_, tree) in _subset_tables(numbers, full)[full].items()}
+
+
+# (has a fraction, has a negative, largest magnitude) of a tree's values: the smaller, the simpler the tree
+Cost = tuple[bool, bool, int | Fraction]
+
+
+def _cost(cost_a: Cost, cost_b: Cost, value: int | Fraction) -> Cost:
+    return (
+        cost_a[0] or cost_b[0] or value.denominator != 1,
+        cost_a[1] or cost_b[1] or value < 0,
+        max(cost_a[2], cost_b[2], abs(value)),
+    )
+
+
+def _subset_tables(numbers: tuple[int, ...], last_mask: int) -> list[dict[int | Fraction, tuple[Cost, Tree]]]:
+    """tables[mask]: value -> (cost, simplest tree) for every subset mask <= last_mask (others stay empty).
+
+    A mask's value is kept from the first tree of least cost, in the order: splits, left values, right values,
+    operators; solve_tree relies on that order.
+    """
+    tables: list[dict[int | Fraction, tuple[Cost, Tree]]] = [{} for _ in range(1 << len(numbers))]
     for i, n in enumerate(numbers):
-        values[1 << i].setdefault(n, ((False, False, n), n))
-    for mask in range(1, 1 << count):
+        tables[1 << i].setdefault(n, ((False, False, n), n))
+    for mask in range(1, last_mask + 1):
         if mask & (mask - 1) == 0:
             continue  # single number, set above
-        table = values[mask]
+        table = tables[mask]
         # Enumerate ordered splits (left, right) of mask; both orders matter for - and /.
         left = (mask - 1) & mask
         while left:
-            right = mask ^ left
-            for a, (cost_a, tree_a) in values[left].items():
-                for b, (cost_b, tree_b) in values[right].items():
+            for a, (cost_a, tree_a) in tables[left].items():
+                for b, (cost_b, tree_b) in tables[mask ^ left].items():
                     for op, value in _combine(a, b):
-                        cost = (
-                            cost_a[0] or cost_b[0] or value.denominator != 1,
-                            cost_a[1] or cost_b[1] or value < 0,
-                            max(cost_a[2], cost_b[2], abs(value)),
-                        )
+                        cost = _cost(cost_a, cost_b, value)
                         known = table.get(value)
                         if known is None or cost < known[0]:
                             table[value] = (cost, (op, tree_a, tree_b))
             left = (left - 1) & mask
-    return {value: tree for value, (_, tree) in values[(1 << count) - 1].items()}
+    return tables
 
 
 def reachable_values(numbers) -> set[int | Fraction]:
@@ -107,9 +122,56 @@ def evaluate_tree(tree: Tree) -> int | Fraction:
 
 
 def solve_tree(numbers, target: int) -> Tree | None:
-    """A tree that reaches target using each number exactly once, or None if there is none."""
+    """The tree reachable(numbers)[target] holds, or None if target is not reachable.
+
+    Faster than reachable() (~5x for 4 numbers): the values of the proper subsets as there, but of the whole set only
+    the combinations that give target, met in reachable()'s order, so the same tree wins.
+    """
     _check_numbers(numbers)
-    return reachable(numbers).get(target)
+    numbers = tuple(int(n) for n in numbers)
+    full = (1 << len(numbers)) - 1
+    if full == 1:
+        return numbers[0] if numbers[0] == target else None
+    tables = _subset_tables(numbers, full - 1)
+    best: tuple[Cost, Tree] | None = None
+    left = (full - 1) & full
+    while left:
+        right = tables[full ^ left]
+        order = {value: index for index, value in enumerate(right)}
+        for a, (cost_a, tree_a) in tables[left].items():
+            for _, _, op, b in _operands_reaching(a, target, order):
+                cost = _cost(cost_a, right[b][0], target)
+                if best is None or cost < best[0]:
+                    best = (cost, (op, tree_a, right[b][1]))
+        left = (left - 1) & full
+    return None if best is None else best[1]
+
+
+def _quotient(x, y) -> int | Fraction:
+    """x / y exactly, as an int where it is one (Fraction arithmetic is the slow part of solving)."""
+    if type(x) is int and type(y) is int and x % y == 0:
+        return x // y
+    return Fraction(x) / y
+
+
+def _operands_reaching(a, target: int, order: dict) -> list[tuple[int, int, str, int | Fraction]]:
+    """(position, operator rank, operator, b) for each b of a table (`order`: value -> position) with
+    `a op b == target`, sorted as reachable() meets them: by b's position, then +, -, *, /."""
+    if a == 0 or target == 0:  # 0*b or 0/b (or a/b == 0) hold for many b: check every one
+        return [
+            (index, rank, op, b)
+            for b, index in order.items()
+            for rank, (op, value) in enumerate(_combine(a, b))
+            if value == target
+        ]
+    # the one b per operator; `in order` finds an int key from an equal Fraction (equal values hash alike)
+    wanted = (
+        (0, "+", target - a),
+        (1, "-", a - target),
+        (2, "*", _quotient(target, a)),
+        (3, "/", _quotient(a, target)),
+    )
+    return sorted((order[b], rank, op, b) for rank, op, b in wanted if b in order)
 
 
 def solve(numbers, target: int) -> str | None:

@@ -29,7 +29,7 @@ def split_tasks(data: DataConfig, seed: int) -> tuple[list[CountdownTask], list[
 
 
 def cached_split_tasks(data: DataConfig, seed: int, cache_dir: Path) -> tuple[list[CountdownTask], list[CountdownTask]]:
-    """split_tasks, stored as JSON under cache_dir: drawing and solving 10k 4-number tasks takes minutes."""
+    """split_tasks, stored as JSON under cache_dir: drawing the 200m preset's 10.5k tasks takes ~30 s."""
     path = cache_dir / f"tasks-seed{seed}-{state.config_fingerprint(data)}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -59,17 +59,25 @@ def encode_prompt(tokenizer, task: CountdownTask) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def encode_response(tokenizer, task: CountdownTask) -> list[int]:
-    """The worked solution followed by EOS, so the model learns to stop."""
-    return tokenizer.encode(sft_response(task), add_special_tokens=False) + [tokenizer.eos_token_id]
+def sft_examples(tokenizer, tasks: list[CountdownTask]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, worked solution ids + EOS, so the model learns to stop) of each task.
+
+    Built once before the warm start's steps: solving each step's batch instead cost ~1.3 s per 256 tasks of the
+    200m preset, 20 minutes of its 1000-step warm start with the GPU waiting (now ~20 s once for its 10k tasks).
+    """
+    eos = tokenizer.eos_token_id
+    return [
+        (encode_prompt(tokenizer, task), tokenizer.encode(sft_response(task), add_special_tokens=False) + [eos])
+        for task in tasks
+    ]
 
 
-def sft_batch(tokenizer, tasks: list[CountdownTask], device: torch.device) -> TokenBatch:
+def sft_batch(pad_id: int, examples: list[tuple[list[int], list[int]]], device: torch.device) -> TokenBatch:
     """Prompts left-padded and solutions right-padded: the same layout generate() produces."""
-    prompts = [encode_prompt(tokenizer, t) for t in tasks]
-    responses = [encode_response(tokenizer, t) for t in tasks]
+    prompts = [prompt for prompt, _ in examples]
+    responses = [response for _, response in examples]
     width_p, width_r = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.full((len(tasks), width_p + width_r), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(examples), width_p + width_r), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         ids[row, width_p - len(p) : width_p] = torch.tensor(p)

@@ -11,7 +11,7 @@ from pathlib import Path
 from openrlhf_gmpo.countdown.tasks import CountdownTask
 from openrlhf_gmpo.stability import state
 from openrlhf_gmpo.stability.config import StabilityConfig
-from openrlhf_gmpo.stability.data import evaluate, sft_batch
+from openrlhf_gmpo.stability.data import evaluate, sft_batch, sft_examples
 from openrlhf_gmpo.stability.engine import PolicyEngine
 from openrlhf_gmpo.stability.rl_math import masked_mean
 
@@ -44,10 +44,13 @@ def warm_start(
     rng = random.Random(state.derive_seed(cfg.seed, "sft"))
     device = getattr(engine, "device", "cpu")
     started = time.perf_counter()
+    examples = sft_examples(tokenizer, train_tasks)
+    log(f"warm start: {len(examples)} worked solutions in {time.perf_counter() - started:.0f} s")
     for step in range(1, sft.steps + 1):
         # linear decay to zero: a tiny model trained from scratch ends markedly more accurate than at a constant lr
         engine.set_lr(sft.lr * (1 - (step - 1) / sft.steps))
-        batch = sft_batch(tokenizer, rng.sample(train_tasks, min(sft.batch_size, len(train_tasks))), device)
+        # the same draws as sampling the tasks themselves (rng.sample picks indices), so warm starts are unchanged
+        batch = sft_batch(tokenizer.pad_token_id, rng.sample(examples, min(sft.batch_size, len(examples))), device)
 
         def nll(log_probs, mask=batch.action_mask):
             loss = -masked_mean(log_probs, mask)
