@@ -187,8 +187,9 @@ def test_cli_overwrite_that_fails_leaves_the_old_output(tmp_path):
     argv = ["countdown", "data", "--out", str(out), "--train", "3", "--val", "1", "--sft", "2"]
     assert main(argv) == 0
     before = {p.name: p.read_text() for p in out.iterdir()}
-    # Numbers 1..1 allow too few distinct tasks: generation fails inside the staging folder.
-    with pytest.raises(SystemExit, match="allow at most 24; raise max_value"):
+    # Numbers 1..1 allow too few distinct tasks: (1, 1, 1) reaches 1-3 and (1, 1, 1, 1) 1-4, 7 tasks in all.
+    # Generation fails inside the staging folder.
+    with pytest.raises(SystemExit, match="allow at most 7; raise max_value"):
         main([*argv, "--overwrite", "--max-value", "1", "--train", "50"])
     assert {p.name: p.read_text() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging folder left behind

@@ -1,3 +1,4 @@
+import itertools
 from fractions import Fraction
 
 import helpers_countdown
@@ -5,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openrlhf_gmpo.countdown import tasks
 from openrlhf_gmpo.countdown.prompts import prompt_text, sft_response
 from openrlhf_gmpo.countdown.scorer import evaluate, literals, parse, score
 from openrlhf_gmpo.countdown.tasks import CountdownTask, generate_tasks, reachable, solve, solve_tree
@@ -102,16 +104,29 @@ def test_impossible_settings_name_the_value(settings, message):
         generate_tasks(1, 0, **settings)
 
 
-def test_too_small_task_space_is_an_error_not_a_hang():
-    # Numbers all 1, three of them: the only tuple is (1, 1, 1), which reaches {1, 2, 3}. The up-front bound allows
-    # 1 tuple x 8 targets (an expression is at most prod(x_i + 1) = 8), so 5 tasks pass it and the draws find 3.
+def test_too_small_task_space_is_an_error_not_a_hang(monkeypatch):
+    # Numbers all 1, three of them: the only tuple is (1, 1, 1), which reaches {1, 2, 3}: 3 tasks. 5 is near the loose
+    # bound (1 tuple x 8 targets: an expression is at most prod(x_i + 1) = 8), so the tasks are counted and 5 refused.
+    with pytest.raises(ValueError, match=r"5 distinct tasks asked for, but 3-3 numbers in 1..1 .* allow at most 3;"):
+        generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
+    # Numbers 1..3, 3-4 of them, targets 1..100: counted with the tree-building solver, 1524 tasks (the loose bound,
+    # 27 x 64 + 81 x 100 = 9,828, let the CLI's default 10,550 draw for minutes before failing).
+    exact = sum(
+        sum(1 for v in reachable(numbers) if v.denominator == 1 and 1 <= v <= 100)
+        for count in (3, 4)
+        for numbers in itertools.product((1, 2, 3), repeat=count)
+    )
+    assert exact == 1524
+    with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* at most 1524;"):
+        generate_tasks(10550, 0, max_value=3)
+    # Where counting would take too long (switched off here), the loose bound lets the request through and the draws
+    # give up, naming what they found.
+    monkeypatch.setattr(tasks, "EXACT_COUNT_BUDGET", 0)
     with pytest.raises(
         ValueError, match="could draw only 3 distinct solvable tasks of the 5 asked for; raise max_value"
     ):
         generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
-    # Asking for more than the bound fails at once, naming the settings: numbers 1..3, 3-4 of them, reach at most
-    # 27 x 64 + 81 x 100 = 9,828 tasks (the CLI's default 10,550 used to spin for minutes).
-    with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* at most 9828"):
+    with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* at most 9828;"):
         generate_tasks(10550, 0, max_value=3)
 
 

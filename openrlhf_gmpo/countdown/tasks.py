@@ -4,6 +4,7 @@
 solvable by construction; `solve` is the exact solver that proves it (and writes the SFT traces).
 """
 
+import itertools
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -208,17 +209,41 @@ def check_settings(
         raise ValueError(f"max_target must be >= 0, got {max_target}")
 
 
+# task_space_bound(exact=True) counts every number tuple's targets where tuples * 20^(count - 3) stays under this:
+# reachable_values takes ~0.1 ms for 3 numbers and ~20x more per extra number, so about 1.5 s at most.
+EXACT_COUNT_BUDGET = 15_000
+
+
 def task_space_bound(
-    min_numbers: int, max_numbers: int, min_value: int, max_value: int, min_target: int, max_target: int
+    min_numbers: int,
+    max_numbers: int,
+    min_value: int,
+    max_value: int,
+    min_target: int,
+    max_target: int,
+    exact: bool = False,
 ) -> int:
-    """An upper bound on the distinct tasks the settings allow: ordered number tuples times the targets they could
-    reach (an expression over numbers x_i >= 1 is at most prod(x_i + 1))."""
+    """The number of distinct tasks the settings allow, or an upper bound on it.
+
+    Per count of numbers: with `exact` and few enough tuples (EXACT_COUNT_BUDGET), each ordered tuple's reachable
+    targets counted; otherwise tuples times the targets they could reach (an expression over numbers x_i >= 1 is at
+    most prod(x_i + 1)).
+    """
     values = max_value - min_value + 1
     total = 0
     for count in range(min_numbers, max_numbers + 1):
-        highest = min(max_target, (max_value + 1) ** count)
-        total += values**count * max(0, highest - min_target + 1)
+        if exact and values**count * 20 ** (count - 3) <= EXACT_COUNT_BUDGET:
+            tuples = itertools.product(range(min_value, max_value + 1), repeat=count)
+            total += sum(len(_targets(numbers, min_target, max_target)) for numbers in tuples)
+        else:
+            highest = min(max_target, (max_value + 1) ** count)
+            total += values**count * max(0, highest - min_target + 1)
     return total
+
+
+def _targets(numbers, min_target: int, max_target: int) -> list[int]:
+    """The integer targets in range that numbers reach, ascending."""
+    return sorted(int(v) for v in reachable_values(numbers) if v.denominator == 1 and min_target <= v <= max_target)
 
 
 def generate_tasks(
@@ -241,7 +266,10 @@ def generate_tasks(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_settings(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
-    bound = task_space_bound(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    settings = (min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    bound = task_space_bound(*settings)
+    if n > bound // 4:  # near or above the loose bound: count exactly, where that is cheap (small ranges)
+        bound = task_space_bound(*settings, exact=True)
     if n > bound:  # fail now instead of after 100 * n fruitless draws (minutes to hours)
         raise ValueError(
             f"{n} distinct tasks asked for, but {min_numbers}-{max_numbers} numbers in {min_value}..{max_value} with "
@@ -262,9 +290,7 @@ def generate_tasks(
             break
         count = rng.randint(min_numbers, max_numbers)
         numbers = tuple(rng.randint(min_value, max_value) for _ in range(count))
-        targets = sorted(
-            int(v) for v in reachable_values(numbers) if v.denominator == 1 and min_target <= v <= max_target
-        )
+        targets = _targets(numbers, min_target, max_target)
         if not targets:
             continue
         task = CountdownTask(numbers, rng.choice(targets))
