@@ -38,6 +38,12 @@ def _parse(overrides: dict):
         ({"rl": {"mini_batch_size": 7}}, "rl.mini_batch_size (7) must divide the rollout batch"),
         ({"data": {"min_numbers": 4, "max_numbers": 3}}, "data.min_numbers (4) exceeds data.max_numbers (3)"),
         ({"data": {"train_tasks": 6}}, "rl.prompts_per_step (8) exceeds data.train_tasks (6)"),
+        # three numbers in 1..2 make 8 ordered tuples reaching 3-6 targets each, 38 tasks: not 4000 + 256
+        (
+            {"data": {"max_value": 2}},
+            "data.train_tasks + data.val_tasks (4000 + 256) exceeds the 38 distinct tasks that "
+            "data.min_numbers..max_numbers 3..3, data.max_value 2 and data.max_target 30 allow",
+        ),
         ({"model": {"size": "huge"}}, "model.size: 'huge' is not one of 200m, tiny"),
         (
             {"algos": {"gmpo": {"loss": "gmpo", "clip_eps_low": 0.0, "clip_eps_high": 0.4}}},

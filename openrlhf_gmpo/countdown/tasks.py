@@ -241,6 +241,13 @@ def task_space_bound(
     return total
 
 
+def allowed_tasks(n: int, *settings: int) -> int:
+    """How many distinct tasks the settings (as task_space_bound's) allow, as far as asking for n needs to know: the
+    loose bound, or the exact count where n comes near it (small ranges, where counting is cheap)."""
+    bound = task_space_bound(*settings)
+    return task_space_bound(*settings, exact=True) if n > bound // 4 else bound
+
+
 def _targets(numbers, min_target: int, max_target: int) -> list[int]:
     """The integer targets in range that numbers reach, ascending."""
     return sorted(int(v) for v in reachable_values(numbers) if v.denominator == 1 and min_target <= v <= max_target)
@@ -266,10 +273,7 @@ def generate_tasks(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_settings(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
-    settings = (min_numbers, max_numbers, min_value, max_value, min_target, max_target)
-    bound = task_space_bound(*settings)
-    if n > bound // 4:  # near or above the loose bound: count exactly, where that is cheap (small ranges)
-        bound = task_space_bound(*settings, exact=True)
+    bound = allowed_tasks(n, min_numbers, max_numbers, min_value, max_value, min_target, max_target)
     if n > bound:  # fail now instead of after 100 * n fruitless draws (minutes to hours)
         raise ValueError(
             f"{n} distinct tasks asked for, but {min_numbers}-{max_numbers} numbers in {min_value}..{max_value} with "

@@ -220,6 +220,7 @@ def _number(raw: dict, key: str, kind: type, where: str, range_key: str | None =
 
 def _check_relations(cfg: StabilityConfig) -> None:
     from openrlhf_gmpo.countdown.model import SIZES
+    from openrlhf_gmpo.countdown.tasks import allowed_tasks
     from openrlhf_gmpo.losses import LOSS_NAMES
 
     if cfg.model.size not in SIZES:
@@ -230,6 +231,15 @@ def _check_relations(cfg: StabilityConfig) -> None:
         raise ValueError(
             f"rl.mini_batch_size ({cfg.rl.mini_batch_size}) must divide the rollout batch "
             f"(prompts_per_step * samples_per_prompt = {cfg.rl.rollout_batch_size})"
+        )
+    data = cfg.data  # numbers and targets start at 1 (CountdownTask defaults)
+    allowed = allowed_tasks(data.train_tasks + data.val_tasks, data.min_numbers, data.max_numbers, 1, data.max_value, 1,
+                            data.max_target)  # fmt: skip
+    if data.train_tasks + data.val_tasks > allowed:
+        raise ValueError(
+            f"data.train_tasks + data.val_tasks ({data.train_tasks} + {data.val_tasks}) exceeds the {allowed} distinct "
+            f"tasks that data.min_numbers..max_numbers {data.min_numbers}..{data.max_numbers}, data.max_value "
+            f"{data.max_value} and data.max_target {data.max_target} allow"
         )
     if cfg.rl.decode_cache not in DECODE_CACHES:
         raise ValueError(f"rl.decode_cache: {cfg.rl.decode_cache!r} is not one of {', '.join(DECODE_CACHES)}")
