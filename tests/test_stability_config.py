@@ -100,3 +100,23 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("seed: [1, 2\n")
     with pytest.raises(ValueError, match=f"preset {re.escape(str(path))}: not valid YAML"):
         load_preset(str(path))
+
+
+def test_out_that_is_or_lies_under_a_file_is_refused(tmp_path):
+    from openrlhf_gmpo.cli import main as cli_main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    for out in (path, path / "run"):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: {path} exists and is not a directory")):
+            cli_main(["stability", "--preset", "tiny", "--out", str(out)])
+    assert path.read_text() == "keep me"
+
+
+def test_megatron_engine_on_cpu_is_refused_before_any_data_is_drawn(tmp_path):
+    from openrlhf_gmpo.cli import main as cli_main
+
+    argv = ["stability", "--preset", "tiny", "--engine", "megatron", "--device", "cpu", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=re.escape("--engine megatron needs CUDA (this run's device is cpu)")):
+        cli_main(argv)
+    assert not (tmp_path / "run" / "cache").exists()

@@ -1,5 +1,6 @@
 """End to end on CPU: a miniature tiny-preset run through the CLI, and exact resume after a simulated kill."""
 
+import dataclasses
 import json
 import shutil
 
@@ -145,20 +146,37 @@ def test_parallel_run_trains_each_algorithm_in_its_own_process_to_the_same_metri
     assert not list(out.glob("metrics-*.jsonl"))  # the children's files were merged and removed
 
 
-def test_parallel_child_that_fails_is_named_with_its_log(cli_run, workdir, tmp_path):
-    preset, uninterrupted = cli_run
-    # gmpo's checkpoint was written under rl.lr 3e-5; this preset says 2e-5, so the gmpo child refuses to resume it.
-    other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump(helpers_stability.merged(yaml.safe_load(preset.read_text()), {"rl": {"lr": 2e-5}})))
+def test_parallel_child_that_fails_is_named_with_its_log(cli_run, workdir, tmp_path, monkeypatch):
+    from openrlhf_gmpo.stability import parallel
+
+    preset, _ = cli_run
+    real_command = parallel.child_command
+
+    def command(preset, cfg, opts, algo, device):  # gmpo's child gets a flag it does not know: it exits with code 2
+        return [*real_command(preset, cfg, opts, algo, device), *(["--no-such-flag"] if algo == "gmpo" else [])]
+
+    monkeypatch.setattr(parallel, "child_command", command)
     out = tmp_path / "out"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copy(uninterrupted / "checkpoints" / "gmpo.pt", out / "checkpoints" / "gmpo.pt")
-    argv = ["stability", "--preset", str(other), "--steps", "1", "--out", str(out),
+    argv = ["stability", "--preset", str(preset), "--steps", "1", "--out", str(out),
             "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--parallel"]  # fmt: skip
-    with pytest.raises(SystemExit, match=r"gmpo exited with code 1 \(see .*gmpo\.log\)"):
+    with pytest.raises(SystemExit, match=r"gmpo exited with code 2 \(see .*gmpo\.log\)"):
         cli_main(argv)
-    assert "written with other training settings" in (out / "logs" / "gmpo.log").read_text()
+    assert "unrecognized arguments: --no-such-flag" in (out / "logs" / "gmpo.log").read_text()
     assert "grpo step 1:" in (out / "logs" / "grpo.log").read_text()  # the other child still finished
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_the_warm_start(cli_run, tmp_path):
+    # The seed-1 run's checkpoints under --seed 3: refused before drawing tasks, building the model or training the
+    # warm start (minutes on the 200m preset), for --parallel runs in the parent too.
+    preset, uninterrupted = cli_run
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    cfg = dataclasses.replace(load_preset(str(preset)), seed=3)
+    opts = RunOptions(algos=("gmpo", "grpo"), steps=STEPS, out_dir=out, cache_dir=tmp_path / "cache", device="cpu")
+    logs = []
+    with pytest.raises(SystemExit, match=r"gmpo\.pt was written with other training settings"):
+        run_stability(cfg, opts, log=logs.append)
+    assert logs == [] and not (tmp_path / "cache").exists()
 
 
 def test_resume_ignores_settings_that_do_not_change_training(cli_run, workdir, tmp_path):

@@ -48,8 +48,8 @@ class StabilityEngine:
         # test switch and no GPU.
         if self.device.type != "cuda" and not (self.allow_cpu and not torch.cuda.is_available()):
             raise SystemExit(
-                f"--engine megatron needs CUDA (got --device {device}): megatron-core runs on CPU only with test-only "
-                "patches; use --engine hf for CPU runs"
+                f"--engine megatron needs CUDA (this run's device is {device}): megatron-core runs on CPU only with "
+                "test-only patches; use --engine hf for CPU runs"
             )
         from openrlhf_gmpo.megatron.model import build_gpt_model
         from openrlhf_gmpo.megatron.parallel import ParallelSizes

@@ -114,6 +114,9 @@ def _options(args: argparse.Namespace, cfg):
     if args.part and len(algos) != 1:
         raise SystemExit(f"--part trains exactly one algorithm, got --algos {args.algos!r}")
     out_dir = args.out or Path("runs") / f"stability-{cfg.name}"
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())  # the cwd, at least
+    if not existing.is_dir():
+        raise SystemExit(f"--out {out_dir}: {existing} exists and is not a directory")
     return RunOptions(
         algos=algos,
         steps=steps,

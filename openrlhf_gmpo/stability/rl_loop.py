@@ -42,6 +42,26 @@ def training_fingerprint(cfg: StabilityConfig, algo_name: str) -> str:
     return state.config_fingerprint(*parts, rl, algo_name, settings["algos"][algo_name])
 
 
+def resumable_checkpoint(cfg: StabilityConfig, algo_name: str, path: Path, target_steps: int, mmap: bool = False):
+    """The checkpoint `algo_name` resumes from, or None to start afresh; SystemExit, naming why, for one written under
+    other training settings or holding more than target_steps steps. mmap: map the tensors instead of reading them
+    (a check before the warm start)."""
+    if not path.is_file():
+        return None
+    saved = state.load(path, mmap=mmap)
+    if saved["fingerprint"] != training_fingerprint(cfg, algo_name):
+        raise SystemExit(
+            f"{path} was written with other training settings (seed, threads, model, data, sft, rl "
+            f"or algos.{algo_name}); rerun with --fresh to start over"
+        )
+    if saved["step"] > target_steps:
+        raise SystemExit(
+            f"{path} already holds {saved['step']} steps of {algo_name}, more than --steps "
+            f"{target_steps}; ask for at least {saved['step']} steps, or rerun with --fresh"
+        )
+    return saved
+
+
 def run_algo(
     engine: PolicyEngine,
     tokenizer,
@@ -63,18 +83,8 @@ def run_algo(
     engine.freeze_reference()  # KL is measured against the warm-start weights
     engine.reset_optimizer(rl.lr, rl.weight_decay, rl.grad_clip)
     records, step, diverged = [], 0, False
-    if checkpoint_path.is_file():
-        saved = state.load(checkpoint_path)
-        if saved["fingerprint"] != fingerprint:
-            raise SystemExit(
-                f"{checkpoint_path} was written with other training settings (seed, threads, model, data, sft, rl "
-                f"or algos.{algo_name}); rerun with --fresh to start over"
-            )
-        if saved["step"] > target_steps:
-            raise SystemExit(
-                f"{checkpoint_path} already holds {saved['step']} steps of {algo_name}, more than --steps "
-                f"{target_steps}; ask for at least {saved['step']} steps, or rerun with --fresh"
-            )
+    saved = resumable_checkpoint(cfg, algo_name, checkpoint_path, target_steps)
+    if saved is not None:
         engine.load_model_state(saved["model"])
         engine.load_optimizer_state(saved["optimizer"])
         state.restore_rng(saved["rng"])

@@ -75,6 +75,11 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
     unknown = [a for a in opts.algos if a not in cfg.algos]
     if unknown:
         raise SystemExit(f"--algos: {unknown[0]!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")
+    if not opts.fresh:  # a checkpoint that cannot be resumed is refused now, not after the warm start
+        from openrlhf_gmpo.stability.rl_loop import resumable_checkpoint
+
+        for algo in opts.algos:
+            resumable_checkpoint(cfg, algo, checkpoint_path(opts, algo), opts.steps, mmap=True)
     device = resolve_device(opts.device)
     log(f"preset {cfg.name} ({cfg.model.size} model) on {device}, engine {opts.engine}, output {opts.out_dir}")
     if device == "cpu" and cfg.model.size != "tiny":
@@ -87,8 +92,6 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer()
-    train_tasks, val_tasks = cached_split_tasks(cfg.data, cfg.seed, opts.cache_dir)
-    eval_tasks = val_tasks[: cfg.rl.eval_tasks]
     engine = make_engine(
         opts.engine,
         model_size=cfg.model.size,
@@ -98,7 +101,9 @@ def prepare(cfg: StabilityConfig, opts: RunOptions, log=print) -> Prepared:
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,
         decode_cache=cfg.rl.decode_cache,
-    )
+    )  # before the data: an engine that cannot run here is refused before minutes of drawing tasks
+    train_tasks, val_tasks = cached_split_tasks(cfg.data, cfg.seed, opts.cache_dir)
+    eval_tasks = val_tasks[: cfg.rl.eval_tasks]
     warm = warm_start(
         engine, tokenizer, cfg, train_tasks, eval_tasks, cache_path(cfg, opts.cache_dir, opts.engine, device), log=log
     )

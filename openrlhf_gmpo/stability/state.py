@@ -54,9 +54,9 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> Any:
+def load(path: Path, mmap: bool = False) -> Any:
     # our own files only; they hold numpy RNG state and plain dicts, which the weights-only unpickler rejects
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def config_fingerprint(*parts: Any) -> str:
