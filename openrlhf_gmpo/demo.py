@@ -9,6 +9,7 @@ This demo makes that visible in a table; it runs on CPU in about a second.
 import argparse
 import json
 import math
+from pathlib import Path
 
 # Clip bounds used per loss: the papers' defaults (GMPO: log-space 0.4; GRPO: 0.2; GSPO: 3e-4 / 4e-4).
 DEMO_EPS = {"grpo": (0.2, 0.2), "gspo": (3e-4, 4e-4)}
@@ -132,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print("\n" + COLUMNS)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seed": args.seed, "batch": args.batch, "length": args.length, "rows": rows}, f, indent=2)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps({"seed": args.seed, "batch": args.batch, "length": args.length, "rows": rows}, indent=2)
+        )
         print(f"\nwrote {args.json}")
     return 0

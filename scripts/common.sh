@@ -31,6 +31,13 @@ note_missing_input() {
 # OpenRLHF's relative defaults (./ckpt) would put every run into one temporary folder. On several nodes, use storage
 # they all share.
 submit_preset() {
+  local name
+  for name in NODES GPUS_PER_NODE VLLM_TP; do # bash arithmetic below would misread anything else
+    if [[ ! ${!name} =~ ^[1-9][0-9]*$ ]]; then
+      echo "$(basename "$0"): $name=${!name} must be a positive whole number" >&2
+      return 2
+    fi
+  done
   local out_dir="${OUT_DIR:-$REPO_ROOT/ckpt/$(basename "$1" .yaml)}"
   local outputs=(
     --ckpt.output_dir "$out_dir"

@@ -265,3 +265,16 @@ def test_cli_all_writes_data_and_model(tmp_path):
     assert sorted(p.name for p in (out / "data").iterdir()) == sorted(FILES)
     assert (out / "model-tiny" / "model.safetensors").exists() and (out / "model-tiny" / "tokenizer.json").exists()
     assert len(load_tasks(out / "data" / "val.jsonl")) == 2
+
+
+def test_cli_output_is_readable_by_others_as_the_umask_allows(tmp_path):
+    # mkdtemp's staging folder is 0700 and transformers writes model.safetensors 0600: on a cluster's shared storage
+    # the nodes' other users could not read them. Under umask 022 folders must be 0755 and files 0644.
+    previous = os.umask(0o022)
+    try:
+        assert main(["countdown", "model", "--size", "tiny", "--out", str(tmp_path / "model")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model", *(tmp_path / "model").iterdir())}
+    assert modes.pop("model") == 0o755 and modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}

@@ -17,7 +17,7 @@ def parse(argv):
 
 
 def test_demo_prints_a_row_per_loss_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "demo.json"
+    out = tmp_path / "new" / "demo.json"  # a folder that does not exist yet is created
     args = parse(["demo", "--seed", "0", "--batch", "32", "--length", "128", "--json", str(out)])
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -122,6 +122,16 @@ def test_submit_needs_ray_address():
     assert "set RAY_ADDRESS" in result.stderr
 
 
+@pytest.mark.parametrize("setting", ["NODES=abc", "GPUS_PER_NODE=8x", "VLLM_TP=0"])
+def test_cluster_sizes_that_are_not_positive_whole_numbers_are_refused(setting):
+    # bash arithmetic reads NODES=abc as an unset variable and VLLM_TP=0 as a division by zero: refuse them by name
+    name, value = setting.split("=")
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "qwen3-30b-a3b_gmpo.sh")
+    result = run_script(script, dict(os.environ, DRY_RUN="1", **{name: value}))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"qwen3-30b-a3b_gmpo.sh: {setting} must be a positive whole number"
+
+
 def test_submit_is_one_ray_job_with_the_repository_as_working_dir(tmp_path):
     # A recorder named `ray` first on PATH captures the submission instead of a cluster.
     recorder(tmp_path, "ray")

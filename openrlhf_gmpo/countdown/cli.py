@@ -91,9 +91,19 @@ def _staged_out(path: Path, overwrite: bool):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     (staging / MARKER).write_text("written by openrlhf-gmpo countdown; its --overwrite may replace this folder\n")
+    _permissions_as_by_umask(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
+
+
+def _permissions_as_by_umask(root: Path) -> None:
+    """The permissions a plain mkdir / open give, for root and everything in it: mkdtemp makes the staging folder
+    0700 and transformers saves model.safetensors 0600, which other users of a cluster's shared storage cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _remove_stale_staging(target: Path) -> None:
