@@ -4,7 +4,7 @@
 install:
 	bash tools/install.sh
 
-# The main job: GMPO vs GRPO stability check on the tiny CountDown MoE (CPU, ~4-5 min, nothing downloaded).
+# The main job: GMPO vs GRPO stability check on the tiny CountDown MoE (CPU, ~3.5 min, nothing downloaded).
 # Writes runs/stability-tiny/{report.md,verdict.json,metrics.jsonl,*.png}; a rerun resumes from its checkpoints.
 demo: install
 	.venv/bin/openrlhf-gmpo stability --preset tiny
