@@ -125,7 +125,7 @@ def evaluate_tree(tree: Tree) -> int | Fraction:
 def solve_tree(numbers, target: int) -> Tree | None:
     """The tree reachable(numbers)[target] holds, or None if target is not reachable.
 
-    Faster than reachable() (~5x for 4 numbers): the values of the proper subsets as there, but of the whole set only
+    ~2.4x faster than reachable() for 4 numbers: the values of the proper subsets as there, but of the whole set only
     the combinations that give target, met in reachable()'s order, so the same tree wins.
     """
     _check_numbers(numbers)

@@ -232,7 +232,7 @@ def _check_relations(cfg: StabilityConfig) -> None:
             f"rl.mini_batch_size ({cfg.rl.mini_batch_size}) must divide the rollout batch "
             f"(prompts_per_step * samples_per_prompt = {cfg.rl.rollout_batch_size})"
         )
-    data = cfg.data  # numbers and targets start at 1 (CountdownTask defaults)
+    data = cfg.data  # numbers and targets start at 1: generate_tasks' defaults, which split_tasks keeps
     allowed = allowed_tasks(data.train_tasks + data.val_tasks, data.min_numbers, data.max_numbers, 1, data.max_value, 1,
                             data.max_target)  # fmt: skip
     if data.train_tasks + data.val_tasks > allowed:
