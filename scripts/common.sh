@@ -38,6 +38,10 @@ submit_preset() {
       return 2
     fi
   done
+  if ((NODES * GPUS_PER_NODE % VLLM_TP)); then # the engines would leave GPUs idle, or be none at all
+    echo "$(basename "$0"): VLLM_TP=$VLLM_TP must divide NODES x GPUS_PER_NODE = $((NODES * GPUS_PER_NODE))" >&2
+    return 2
+  fi
   local out_dir="${OUT_DIR:-$REPO_ROOT/ckpt/$(basename "$1" .yaml)}"
   local outputs=(
     --ckpt.output_dir "$out_dir"

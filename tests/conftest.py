@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_logreport(report):
+    """Append each test's record_property values to $MEASURED_LOG as soon as the test has run (tools/gpu_session.sh
+    sets it): a run stopped by its time limit keeps what its finished tests measured."""
+    path = os.environ.get("MEASURED_LOG")
+    if path and report.when == "call" and report.user_properties:
+        with open(path, "a") as log:
+            for name, value in report.user_properties:
+                log.write(f"measured {report.nodeid} ({report.outcome}): {name} = {value}\n")
+
+
 @pytest.fixture
 def stub_env():
     """Environment for a subprocess that must import OpenRLHF with the same import stubs as this process."""

@@ -73,6 +73,8 @@ def test_solve_tree_finds_the_tree_reachable_keeps(numbers, extra_target):
     reachable_ints = sorted(int(v) for v in table if v.denominator == 1)
     for target in {*reachable_ints[::8], *reachable_ints[-3:], extra_target, 0}:
         assert solve_tree(numbers, target) == table.get(target), (numbers, target)
+    for target in (reachable_ints[0] + 0.0, 0.5, 0.1):  # floats compare exactly: 0.5 may be reached, 0.1 never
+        assert solve_tree(numbers, target) == table.get(target), (numbers, target)
 
 
 def test_reachable_values_of_two_numbers():
@@ -105,8 +107,8 @@ def test_impossible_settings_name_the_value(settings, message):
 
 
 def test_too_small_task_space_is_an_error_not_a_hang(monkeypatch):
-    # Numbers all 1, three of them: the only tuple is (1, 1, 1), which reaches {1, 2, 3}: 3 tasks. 5 is near the loose
-    # bound (1 tuple x 8 targets: an expression is at most prod(x_i + 1) = 8), so the tasks are counted and 5 refused.
+    # Numbers all 1, three of them: the only tuple is (1, 1, 1), which reaches {1, 2, 3}: 3 tasks, counted, so 5 are
+    # refused at once (the loose bound, 1 tuple x 8 targets since an expression is at most prod(x_i + 1), would not).
     with pytest.raises(ValueError, match=r"5 distinct tasks asked for, but 3-3 numbers in 1..1 .* allow at most 3;"):
         generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
     # Numbers 1..3, 3-4 of them, targets 1..100: counted with the tree-building solver, 1524 tasks (the loose bound,
@@ -117,17 +119,22 @@ def test_too_small_task_space_is_an_error_not_a_hang(monkeypatch):
         for numbers in itertools.product((1, 2, 3), repeat=count)
     )
     assert exact == 1524
-    with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* at most 1524;"):
-        generate_tasks(10550, 0, max_value=3)
+    for n in (10550, 2000):  # 2000 is far below the loose bound too: counted all the same
+        with pytest.raises(ValueError, match=rf"{n} distinct tasks asked for, but 3-4 numbers in 1..3 .* most 1524;"):
+            generate_tasks(n, 0, max_value=3)
     # Where counting would take too long (switched off here), the loose bound lets the request through and the draws
     # give up, naming what they found.
     monkeypatch.setattr(tasks, "EXACT_COUNT_BUDGET", 0)
-    with pytest.raises(
-        ValueError, match="could draw only 3 distinct solvable tasks of the 5 asked for; raise max_value"
-    ):
-        generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
-    with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* at most 9828;"):
-        generate_tasks(10550, 0, max_value=3)
+    tasks.task_space_bound.cache_clear()
+    try:
+        with pytest.raises(
+            ValueError, match="could draw only 3 distinct solvable tasks of the 5 asked for; raise max_value"
+        ):
+            generate_tasks(5, 0, min_numbers=3, max_numbers=3, min_value=1, max_value=1)
+        with pytest.raises(ValueError, match=r"10550 distinct tasks asked for, but 3-4 numbers in 1..3 .* most 9828;"):
+            generate_tasks(10550, 0, max_value=3)
+    finally:
+        tasks.task_space_bound.cache_clear()  # no loose bound left cached for later tests
 
 
 def test_negative_n_is_refused():

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 VOCAB = 64
 BATCH, LENGTH, RESPONSE = 8, 96, 48
-# What the GMPO-step test records per step (in the junit XML that tools/gpu_session.sh writes; docs/megatron.md)
+# What the GMPO-step test records per step (record_property: gpu_measured.log of tools/gpu_session.sh; docs/megatron.md)
 STEP_METRICS = ("policy_loss", "grad_norm", "token_ratio_min", "token_ratio_max")
 
 

@@ -132,6 +132,14 @@ def test_cluster_sizes_that_are_not_positive_whole_numbers_are_refused(setting):
     assert result.stderr.strip() == f"qwen3-30b-a3b_gmpo.sh: {setting} must be a positive whole number"
 
 
+def test_vllm_tensor_parallel_size_must_divide_the_gpus():
+    # 2 nodes x 8 GPUs with VLLM_TP=3 would start 5 engines on 15 GPUs (integer division) and leave one idle
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "qwen3-30b-a3b_gmpo.sh")
+    result = run_script(script, dict(os.environ, DRY_RUN="1", NODES="2", GPUS_PER_NODE="8", VLLM_TP="3"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "qwen3-30b-a3b_gmpo.sh: VLLM_TP=3 must divide NODES x GPUS_PER_NODE = 16"
+
+
 def test_submit_is_one_ray_job_with_the_repository_as_working_dir(tmp_path):
     # A recorder named `ray` first on PATH captures the submission instead of a cluster.
     recorder(tmp_path, "ray")

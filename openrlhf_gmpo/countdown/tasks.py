@@ -4,6 +4,7 @@
 solvable by construction; `solve` is the exact solver that proves it (and writes the SFT traces).
 """
 
+import functools
 import itertools
 import random
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ def solve_tree(numbers, target: int) -> Tree | None:
     """
     _check_numbers(numbers)
     numbers = tuple(int(n) for n in numbers)
+    if isinstance(target, float):  # exact, as reachable()'s dict compares it: 0.5 finds 1/2, 0.1 finds nothing
+        target = Fraction(target)
     full = (1 << len(numbers)) - 1
     if full == 1:
         return numbers[0] if numbers[0] == target else None
@@ -209,43 +212,31 @@ def check_settings(
         raise ValueError(f"max_target must be >= 0, got {max_target}")
 
 
-# task_space_bound(exact=True) counts every number tuple's targets where tuples * 20^(count - 3) stays under this:
+# task_space_bound counts every number tuple's targets where tuples * 20^(count - 3) stays under this:
 # reachable_values takes ~0.1 ms for 3 numbers and ~20x more per extra number, so about 1.5 s at most.
 EXACT_COUNT_BUDGET = 15_000
 
 
+@functools.lru_cache(maxsize=32)  # presets are loaded and split many times in one process
 def task_space_bound(
-    min_numbers: int,
-    max_numbers: int,
-    min_value: int,
-    max_value: int,
-    min_target: int,
-    max_target: int,
-    exact: bool = False,
+    min_numbers: int, max_numbers: int, min_value: int, max_value: int, min_target: int, max_target: int
 ) -> int:
-    """The number of distinct tasks the settings allow, or an upper bound on it.
+    """How many distinct tasks the settings allow: exact where counting is cheap, else an upper bound.
 
-    Per count of numbers: with `exact` and few enough tuples (EXACT_COUNT_BUDGET), each ordered tuple's reachable
-    targets counted; otherwise tuples times the targets they could reach (an expression over numbers x_i >= 1 is at
-    most prod(x_i + 1)).
+    Per count of numbers: with few enough ordered tuples (EXACT_COUNT_BUDGET), each tuple's reachable targets
+    counted; otherwise tuples times the targets they could reach (an expression over numbers x_i >= 1 is at most
+    prod(x_i + 1)).
     """
     values = max_value - min_value + 1
     total = 0
     for count in range(min_numbers, max_numbers + 1):
-        if exact and values**count * 20 ** (count - 3) <= EXACT_COUNT_BUDGET:
+        if values**count * 20 ** (count - 3) <= EXACT_COUNT_BUDGET:
             tuples = itertools.product(range(min_value, max_value + 1), repeat=count)
             total += sum(len(_targets(numbers, min_target, max_target)) for numbers in tuples)
         else:
             highest = min(max_target, (max_value + 1) ** count)
             total += values**count * max(0, highest - min_target + 1)
     return total
-
-
-def allowed_tasks(n: int, *settings: int) -> int:
-    """How many distinct tasks the settings (as task_space_bound's) allow, as far as asking for n needs to know: the
-    loose bound, or the exact count where n comes near it (small ranges, where counting is cheap)."""
-    bound = task_space_bound(*settings)
-    return task_space_bound(*settings, exact=True) if n > bound // 4 else bound
 
 
 def _targets(numbers, min_target: int, max_target: int) -> list[int]:
@@ -273,7 +264,7 @@ def generate_tasks(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     check_settings(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
-    bound = allowed_tasks(n, min_numbers, max_numbers, min_value, max_value, min_target, max_target)
+    bound = task_space_bound(min_numbers, max_numbers, min_value, max_value, min_target, max_target)
     if n > bound:  # fail now instead of after 100 * n fruitless draws (minutes to hours)
         raise ValueError(
             f"{n} distinct tasks asked for, but {min_numbers}-{max_numbers} numbers in {min_value}..{max_value} with "

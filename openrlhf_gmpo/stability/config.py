@@ -220,7 +220,7 @@ def _number(raw: dict, key: str, kind: type, where: str, range_key: str | None =
 
 def _check_relations(cfg: StabilityConfig) -> None:
     from openrlhf_gmpo.countdown.model import SIZES
-    from openrlhf_gmpo.countdown.tasks import allowed_tasks
+    from openrlhf_gmpo.countdown.tasks import task_space_bound
     from openrlhf_gmpo.losses import LOSS_NAMES
 
     if cfg.model.size not in SIZES:
@@ -233,8 +233,7 @@ def _check_relations(cfg: StabilityConfig) -> None:
             f"(prompts_per_step * samples_per_prompt = {cfg.rl.rollout_batch_size})"
         )
     data = cfg.data  # numbers and targets start at 1: generate_tasks' defaults, which split_tasks keeps
-    allowed = allowed_tasks(data.train_tasks + data.val_tasks, data.min_numbers, data.max_numbers, 1, data.max_value, 1,
-                            data.max_target)  # fmt: skip
+    allowed = task_space_bound(data.min_numbers, data.max_numbers, 1, data.max_value, 1, data.max_target)
     if data.train_tasks + data.val_tasks > allowed:
         raise ValueError(
             f"data.train_tasks + data.val_tasks ({data.train_tasks} + {data.val_tasks}) exceeds the {allowed} distinct "
