@@ -103,27 +103,24 @@ def forward_backward(experts, hidden, tokens_per_expert, probs, grad_out):
     return output.detach(), hidden.grad, probs.grad, grads
 
 
-def max_differences(expected, actual) -> dict[str, float]:
-    """Largest |grouped - sequential| of the output, the input and probs grads, and over all weight grads."""
-    (out_e, dx_e, dp_e, dw_e), (out_a, dx_a, dp_a, dw_a) = expected, actual
-
-    def largest(want, got):
-        return (got.float() - want.float()).abs().max().item()
-
-    return {
-        "output": largest(out_e, out_a),
-        "input grad": largest(dx_e, dx_a),
-        "probs grad": largest(dp_e, dp_a),
-        "weight grads": max(largest(dw_e[name], dw_a[name]) for name in dw_e),
-    }
-
-
-def assert_same_results(expected, actual, **tolerance):
+def result_pairs(expected, actual) -> list[tuple]:
+    """(what, sequential's, grouped's) for the output, the input and probs grads, and every weight grad."""
     (out_e, dx_e, dp_e, dw_e), (out_a, dx_a, dp_a, dw_a) = expected, actual
     assert dw_e.keys() == dw_a.keys()
     pairs = [("output", out_e, out_a), ("input grad", dx_e, dx_a), ("probs grad", dp_e, dp_a)]
-    pairs += [(name, dw_e[name], dw_a[name]) for name in dw_e]
-    for what, want, got in pairs:
+    return pairs + [(name, dw_e[name], dw_a[name]) for name in dw_e]
+
+
+def max_differences(expected, actual) -> dict[str, float]:
+    """Largest |grouped - sequential| of the output, the input and probs grads, and over all weight grads."""
+    pairs = result_pairs(expected, actual)
+    largest = {what: (got.float() - want.float()).abs().max().item() for what, want, got in pairs}
+    named = {what: largest.pop(what) for what in ("output", "input grad", "probs grad")}
+    return {**named, "weight grads": max(largest.values())}
+
+
+def assert_same_results(expected, actual, **tolerance):
+    for what, want, got in result_pairs(expected, actual):
         # SequentialMLP leaves an empty expert's grads at zero too: its matmuls run on 0 rows.
         assert got is not None, what
         if tolerance:
