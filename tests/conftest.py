@@ -39,3 +39,18 @@ def stub_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (STUB_SITE, env.get("PYTHONPATH")) if p)
     return env
+
+
+@pytest.fixture
+def cpu_shims(monkeypatch):
+    """megatron's CUDA-only calls replaced for this test only (helpers_megatron.install_cpu_shims), then restored."""
+    import helpers_megatron
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+    import torch
+
+    for name in ("current_device", "Stream", "Event", "current_stream", "stream", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # records the original for undo
+    for module in (moe_utils, token_dispatcher):
+        monkeypatch.setattr(module, "maybe_move_tensor_to_cpu", module.maybe_move_tensor_to_cpu)
+    helpers_megatron.install_cpu_shims()

@@ -36,19 +36,6 @@ def pg_collection():
         yield ProcessGroupCollection.use_mpu_process_groups()
 
 
-@pytest.fixture
-def cpu_shims(monkeypatch):
-    """megatron's CUDA-only calls replaced for this test only (helpers_megatron.install_cpu_shims), then restored."""
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
-
-    for name in ("current_device", "Stream", "Event", "current_stream", "stream", "synchronize"):
-        monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # records the original for undo
-    for module in (moe_utils, token_dispatcher):
-        monkeypatch.setattr(module, "maybe_move_tensor_to_cpu", module.maybe_move_tensor_to_cpu)
-    helpers_megatron.install_cpu_shims()
-
-
 def make_config(**overrides) -> TransformerConfig:
     """Qwen3-MoE-like experts: SwiGLU, no biases; megatron's unfused activation unless overridden."""
     fields = dict(

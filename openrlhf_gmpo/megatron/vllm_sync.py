@@ -4,15 +4,15 @@ Every rank walks the streaming export (`iter_hf_weights`, per-expert names as vL
 HF tensor, rank 0 tells every engine `update_weight(name, dtype, shape, empty_cache)` and broadcasts the bf16 tensor
 over an NCCL group of rank 0 + all vLLM workers. With `--train.colocate_all` (engines on the trainer's GPUs) OpenRLHF
 uses CUDA IPC instead: every rank shares a handle to its copy, rank 0 sends the handles by physical GPU id with
-`update_weight_cuda_ipc`. Both paths follow `ActorPPOTrainer.broadcast_to_vllm`; neither has run here (no vLLM).
+`update_weight_cuda_ipc`. Both paths follow `ActorPPOTrainer.broadcast_to_vllm`. Neither has run against vLLM; the
+broadcast path's sending side is tested on CPU against engines that record their calls (test_megatron_vllm_sync.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from openrlhf_gmpo.megatron.model import is_moe_config
-from openrlhf_gmpo.megatron.weights import iter_hf_weights
+from openrlhf_gmpo.megatron.weights import iter_hf_weights, layer_hf_names
 
 
 def use_cuda_ipc(args) -> bool:
@@ -41,14 +41,10 @@ def init_broadcast_group(args, vllm_engines, port: int):
 
 
 def hf_weight_count(hf_config) -> int:
-    """How many tensors a sync sends (per-expert layout, no tied lm_head); vLLM empties its cache after the last."""
-    per_layer = 8  # q, k, v, o, q_norm, k_norm, input and post-attention norms
-    if is_moe_config(hf_config):
-        per_layer += 1 + 3 * hf_config.num_experts  # router + gate/up/down per expert
-    else:
-        per_layer += 3
+    """How many tensors a sync sends: embedding, the layers (per-expert names), final norm and, unless tied, lm_head.
+    vLLM empties its cache after the last one."""
     head = 0 if hf_config.tie_word_embeddings else 1
-    return 2 + head + hf_config.num_hidden_layers * per_layer  # embedding, final norm, lm_head
+    return 2 + head + hf_config.num_hidden_layers * len(layer_hf_names(hf_config, "per_expert"))
 
 
 def sync_weights(model, hf_config, vllm_engines, *, broadcast_group=None, cuda_ipc: bool = False,

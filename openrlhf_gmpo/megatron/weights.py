@@ -292,7 +292,7 @@ def iter_hf_weights(
         mine = pp_rank == owner
         # Every stage walks the owner's names in the same order, so the broadcasts pair up.
         names_and_tensors = _layer_to_hf(params, layer - owner * layers_per_stage, c, expert_layout) if mine else None
-        for name in _layer_hf_names(c, expert_layout):
+        for name in layer_hf_names(c, expert_layout):
             tensor = None
             if mine:
                 produced_name, tensor = next(names_and_tensors)
@@ -309,8 +309,9 @@ def iter_hf_weights(
     yield "lm_head.weight", _from_stage(head, pp - 1)
 
 
-def _layer_hf_names(c, expert_layout: str) -> list[str]:
-    """The order `_layer_to_hf` yields in (every pipeline stage needs it, not only the owner)."""
+def layer_hf_names(c, expert_layout: str) -> list[str]:
+    """A decoder layer's HF names, in the order `_layer_to_hf` yields them (every pipeline stage needs it, not only
+    the owner; the vLLM sync counts what it sends from it)."""
     names = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"]
     names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight"]
     names += ["post_attention_layernorm.weight"]
