@@ -149,6 +149,11 @@ def test_unset_turns_off_a_switch_the_preset_sets():
         helpers_plugin.dry_run("--preset", path, "--unset", "ds.packing")
 
 
+def test_a_switch_set_false_is_left_out_of_the_command(tmp_path):
+    plan = helpers_plugin.dry_run("--preset", write_preset(tmp_path, BASE + "train.colocate_all: false\n"))
+    assert plan.args.train.colocate_all is False and "--train.colocate_all" not in plan.tokens
+
+
 def test_dry_run_prints_the_resolved_command(capsys):
     helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "qwen3-30b-a3b_gmpo.yaml"))
     out = capsys.readouterr().out
@@ -182,7 +187,20 @@ BAD_PRESETS = {
         "key 'actor.eps_clip_low_high' takes a list of 2 values",
     ),
     "boolean for a value flag": (BASE + "data.input_key: true\n", "key 'data.input_key' is not a switch"),
+    "switch on by default set to false": (
+        BASE + "actor.muon.nesterov: false\n",
+        "key 'actor.muon.nesterov' is on by default; turn it off with 'actor.muon.no_nesterov: true'",
+    ),
     "mapping value": (BASE + "actor.adam: {lr: 1.0e-6}\n", "unknown key 'actor.adam'"),
+    "mapping for a flag": (
+        BASE + "actor.adam.lr: {value: 1.0e-6}\n",
+        "key 'actor.adam.lr' takes a value, got a mapping",
+    ),
+    "nested list": (
+        BASE + "actor.eps_clip_low_high: [[0.4], 0.4]\n",
+        "key 'actor.eps_clip_low_high' has a nested list [0.4]",
+    ),
+    "key that is not a string": (BASE + "1: 2\n", "key 1 is not a string flag name"),
     "unknown backend": (BASE + "backend: tpu\n", "--backend must be one of ('deepspeed', 'megatron'), got 'tpu'"),
     "dual clip with our loss": (
         BASE + "actor.policy_loss_type: gmpo\nactor.dual_clip: 3.0\n",

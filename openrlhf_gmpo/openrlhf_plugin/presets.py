@@ -69,7 +69,7 @@ def key_to_tokens(source, key: str, value, parser: argparse.ArgumentParser) -> l
         if value:
             return [option]
         if action.const is True and action.default is True:  # a switch that is on by default cannot be unset by it
-            raise PresetError(f"preset {source}: key {key!r} is on by default; turn it off with its opposite flag")
+            raise PresetError(f"preset {source}: key {key!r} is on by default; {_turn_off_hint(action, parser)}")
         return []
     if isinstance(value, dict):
         raise PresetError(f"preset {source}: key {key!r} takes a value, got a mapping {value!r}")
@@ -80,6 +80,14 @@ def key_to_tokens(source, key: str, value, parser: argparse.ArgumentParser) -> l
     if isinstance(action.nargs, int) and action.nargs > 1:
         raise PresetError(f"preset {source}: key {key!r} takes a list of {action.nargs} values, got {value!r}")
     return [option, _scalar_token(source, key, value)]
+
+
+def _turn_off_hint(switch: argparse.Action, parser: argparse.ArgumentParser) -> str:
+    """How to turn off a switch that is on by default: its opposite flag (`--x.no_y`, same dest), as a preset key."""
+    for action in parser._actions:
+        if action is not switch and action.dest == switch.dest and _is_switch(action) and action.const is False:
+            return f"turn it off with '{action.option_strings[0][2:]}: true'"
+    return "a preset cannot turn it off"
 
 
 def _scalar_token(source, key: str, value) -> str:
