@@ -30,6 +30,11 @@ def _parse(overrides: dict):
         # wrong type: a string where an int belongs, a bool where a float belongs
         ({"rl": {"steps": "ten"}}, "rl.steps: expected int, got 'ten'"),
         ({"rl": {"lr": True}}, "rl.lr: expected float, got True"),
+        ({"rl": {"lr": "fast"}}, "rl.lr: expected a number, got 'fast'"),
+        ({"rl": {"lr": float("nan")}}, "rl.lr: NaN is not allowed"),
+        ({"rl": 3}, "rl: expected a mapping, got 3"),
+        ({"algos": ["gmpo"]}, "algos: expected a non-empty mapping of algorithm name"),
+        ({"rl": {"decode_cache": "paged"}}, "rl.decode_cache: 'paged' is not one of"),
         # out of range
         ({"rl": {"samples_per_prompt": 1}}, "rl.samples_per_prompt: 1 is outside the allowed range [2, inf]"),
         ({"verdict": {"max_token_ratio": 0.5}}, "verdict.max_token_ratio: 0.5 is outside the allowed range"),
@@ -38,6 +43,7 @@ def _parse(overrides: dict):
         ({"rl": {"mini_batch_size": 7}}, "rl.mini_batch_size (7) must divide the rollout batch"),
         ({"data": {"min_numbers": 4, "max_numbers": 3}}, "data.min_numbers (4) exceeds data.max_numbers (3)"),
         ({"data": {"train_tasks": 6}}, "rl.prompts_per_step (8) exceeds data.train_tasks (6)"),
+        ({"rl": {"eval_tasks": 300}}, "rl.eval_tasks (300) exceeds data.val_tasks (256)"),
         # three numbers in 1..2 make 8 ordered tuples reaching 3-6 targets each, 38 tasks: not 4000 + 256
         (
             {"data": {"max_value": 2}},
@@ -57,6 +63,16 @@ def _parse(overrides: dict):
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         _parse(overrides)
+
+
+def test_a_float_written_without_a_dot_is_read_as_a_number():
+    # YAML 1.1 reads `1e-5` as a string; the preset means the number.
+    assert _parse({"rl": {"lr": "1e-5"}}).rl.lr == 1e-5
+
+
+def test_a_preset_that_is_not_a_mapping_is_named():
+    with pytest.raises(ValueError, match=re.escape("preset 'bad': expected a mapping at the top level, got list")):
+        parse_config([1, 2], name="bad")
 
 
 def test_missing_key_is_named():
