@@ -54,3 +54,15 @@ def test_model_numbers_are_checked_at_launch_when_the_config_is_local(tmp_path):
         SystemExit, match=f"--actor.model_name_or_path {tmp_path}: .*4 experts are not divisible by ep=8"
     ):
         helpers_plugin.dry_run(*flags)
+
+
+def test_an_architecture_the_backend_does_not_map_is_refused_at_launch(tmp_path):
+    import helpers_megatron
+
+    # YaRN rope scaling (Qwen3's long-context setting): megatron's plain RoPE would put positions elsewhere.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}
+    helpers_megatron.tiny_hf_moe(rope_parameters=yarn).config.save_pretrained(tmp_path)
+    flags = [*BASE]
+    flags[flags.index("/nonexistent/model")] = str(tmp_path)
+    with pytest.raises(SystemExit, match=f"--actor.model_name_or_path {tmp_path}: rope_type='yarn' is not supported"):
+        helpers_plugin.dry_run(*flags)

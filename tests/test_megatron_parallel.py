@@ -73,6 +73,10 @@ def test_router_translation_follows_norm_topk_prob():
     assert kwargs["moe_router_load_balancing_type"] == "aux_loss" and kwargs["moe_aux_loss_coeff"] == 1e-3
 
 
+# Qwen3's long-context setting (its model cards' rope_scaling), as transformers 5 stores it.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}
+
+
 @pytest.mark.parametrize(
     "overrides, options, message",
     [
@@ -81,6 +85,8 @@ def test_router_translation_follows_norm_topk_prob():
         ({}, MoEOptions(router_dtype="bf16"), "router_dtype='bf16'"),
         ({}, MoEOptions(aux_loss_coef=-0.1), "aux_loss_coef=-0.1"),
         ({"hidden_act": "gelu"}, MoEOptions(), "hidden_act='gelu'"),
+        ({"attention_bias": True}, MoEOptions(), "attention_bias=True"),
+        ({"rope_parameters": YARN}, MoEOptions(), "rope_type='yarn' is not supported"),
     ],
 )
 def test_unsupported_configs_raise(overrides, options, message):

@@ -70,7 +70,7 @@ def validate_megatron_args(args) -> None:
         )
     if m.pp != 1:
         raise SystemExit(f"--megatron.pp {m.pp}: the megatron policy update runs one pipeline stage; use pp 1")
-    _check_model_numbers(args.actor.model_name_or_path, sizes)
+    _check_model(args.actor.model_name_or_path, sizes)
     if m.tp > 1:
         from openrlhf_gmpo.megatron.model import has_transformer_engine
 
@@ -116,18 +116,20 @@ def validate_megatron_args(args) -> None:
             raise SystemExit(f"{flag} {value}: not supported by the megatron backend")
 
 
-def _check_model_numbers(model: str, sizes: ParallelSizes) -> None:
-    """Divisibility by the model's numbers (heads, KV heads, experts, layers, vocab) before the cluster starts, when
-    the config is local or in the HF cache; otherwise the actor checks it after download, before building the model."""
+def _check_model(model: str, sizes: ParallelSizes) -> None:
+    """What the backend cannot build from the model's config, before the cluster starts: parallel sizes that do not
+    divide its heads, experts, layers or vocab, or an architecture it does not map (rope scaling, biases, dense
+    layers in an MoE). Checked when the config is local or in the HF cache; otherwise the actor checks it after the
+    download, before building the model."""
     from transformers import AutoConfig
 
-    from openrlhf_gmpo.megatron.parallel import sizes_for_hf_config
+    from openrlhf_gmpo.megatron.model import transformer_config_kwargs
 
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True)  # no network from the launcher
     except (OSError, ValueError):
         return
     try:
-        sizes_for_hf_config(config, sizes)
+        transformer_config_kwargs(config, sizes)
     except ValueError as error:
         raise SystemExit(f"--actor.model_name_or_path {model}: {error}") from error

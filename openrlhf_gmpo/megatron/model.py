@@ -30,11 +30,12 @@ def is_moe_config(hf_config) -> bool:
     return bool(getattr(hf_config, "num_experts", 0))
 
 
+def _rope_parameters(hf_config) -> dict:
+    return getattr(hf_config, "rope_parameters", None) or {}
+
+
 def _rope_theta(hf_config) -> float:
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_type={rope.get('rope_type')!r} is not supported by the megatron backend (only default)")
-    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+    return float(_rope_parameters(hf_config).get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
 def transformer_config_kwargs(
@@ -51,6 +52,9 @@ def transformer_config_kwargs(
         raise ValueError("attention_bias=True is not a Qwen3 config; the megatron backend does not map QKV biases")
     if hf_config.hidden_act != "silu":
         raise ValueError(f"hidden_act={hf_config.hidden_act!r}: the megatron backend maps SwiGLU (silu) only")
+    rope_type = _rope_parameters(hf_config).get("rope_type", "default")
+    if rope_type != "default":  # e.g. YaRN for long context: megatron's plain RoPE would encode positions differently
+        raise ValueError(f"rope_type={rope_type!r} is not supported by the megatron backend (only default)")
     kwargs = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
