@@ -4,7 +4,9 @@ import re
 
 import helpers_stability
 import pytest
+import torch
 
+from openrlhf_gmpo.cli import main as cli_main
 from openrlhf_gmpo.stability.config import load_preset, parse_config
 
 
@@ -71,7 +73,7 @@ def test_a_float_written_without_a_dot_is_read_as_a_number():
 
 
 def test_a_preset_that_is_not_a_mapping_is_named():
-    with pytest.raises(ValueError, match=re.escape("preset 'bad': expected a mapping at the top level, got list")):
+    with pytest.raises(ValueError, match=re.escape("expected a mapping at the top level, got list")):
         parse_config([1, 2], name="bad")
 
 
@@ -104,23 +106,38 @@ def test_unknown_algo_on_the_command_line_names_it(tmp_path):
 
 
 def test_an_algorithm_named_twice_is_refused(tmp_path):
-    from openrlhf_gmpo.cli import main as cli_main
-
     # Twice the same name would train it twice into one checkpoint (two processes with --parallel).
     with pytest.raises(SystemExit, match=re.escape("--algos 'gmpo,grpo,gmpo': gmpo named more than once")):
         cli_main(["stability", "--preset", "tiny", "--algos", "gmpo,grpo,gmpo", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "tinyy"], "--preset tinyy: neither a shipped preset (200m, tiny) nor an existing YAML file"),
+        (["--preset", "tiny", "--algos", " , "], "--algos ' , ': name at least one algorithm"),
+        (["--preset", "tiny", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--preset", "tiny", "--part"], "--part trains exactly one algorithm, got --algos None"),
+        (["--preset", "tiny", "--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+    ],
+    ids=["unknown preset", "no algorithm", "zero steps", "part of two", "cuda without a GPU"],
+)
+def test_bad_command_line_values_are_named_before_any_work(tmp_path, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli_main(["stability", *argv, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "cache").exists()  # nothing drawn or trained
+
+
 def test_invalid_yaml_names_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("seed: [1, 2\n")
-    with pytest.raises(ValueError, match=f"preset {re.escape(str(path))}: not valid YAML"):
-        load_preset(str(path))
+    with pytest.raises(SystemExit, match=f"--preset {re.escape(str(path))}: not valid YAML"):
+        cli_main(["stability", "--preset", str(path), "--out", str(tmp_path / "out")])
 
 
 def test_out_that_is_or_lies_under_a_file_is_refused(tmp_path):
-    from openrlhf_gmpo.cli import main as cli_main
-
     path = tmp_path / "notes.txt"
     path.write_text("keep me")
     for out in (path, path / "run"):
@@ -130,8 +147,6 @@ def test_out_that_is_or_lies_under_a_file_is_refused(tmp_path):
 
 
 def test_megatron_engine_on_cpu_is_refused_before_any_data_is_drawn(tmp_path):
-    from openrlhf_gmpo.cli import main as cli_main
-
     argv = ["stability", "--preset", "tiny", "--engine", "megatron", "--device", "cpu", "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit, match=re.escape("--engine megatron needs CUDA (this run's device is cpu)")):
         cli_main(argv)

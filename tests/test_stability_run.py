@@ -165,6 +165,22 @@ def test_parallel_child_that_fails_is_named_with_its_log(cli_run, workdir, tmp_p
     assert "grpo step 1:" in (out / "logs" / "grpo.log").read_text()  # the other child still finished
 
 
+def test_fresh_deletes_the_runs_outputs_and_nothing_else(cli_run, workdir, tmp_path, capsys):
+    preset, uninterrupted = cli_run
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "notes.txt").write_text("the user's own file")
+    argv = ["stability", "--preset", str(preset), "--algos", "gmpo", "--steps", "1", "--out", str(out),
+            "--cache-dir", str(workdir / "cache"), "--device", "cpu", "--fresh"]  # fmt: skip
+    assert cli_main(argv) == 0
+    # Trained again from step 1, not resumed from the 4-step checkpoint; GRPO's metrics and checkpoint are gone too.
+    printed = capsys.readouterr().out
+    assert "gmpo step 1:" in printed and "resuming" not in printed
+    assert [(r["algo"], r["step"]) for r in _lines(out / "metrics.jsonl")] == [("gmpo", 1)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["gmpo.pt"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
 def test_a_checkpoint_of_other_settings_is_refused_before_the_warm_start(cli_run, tmp_path):
     # The seed-1 run's checkpoints under --seed 3: refused before drawing tasks, building the model or training the
     # warm start (minutes on the 200m preset), for --parallel runs in the parent too.

@@ -135,22 +135,23 @@ def resolve_preset_path(preset: str) -> Path:
     if path.is_file():
         return path
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise ValueError(f"preset {preset!r} is neither a shipped preset ({', '.join(names)}) nor an existing YAML file")
+    raise ValueError(f"neither a shipped preset ({', '.join(names)}) nor an existing YAML file")
 
 
 def load_preset(preset: str) -> StabilityConfig:
+    """The preset's config; ValueError says what is wrong in it (the caller names the preset: `--preset X: ...`)."""
     path = resolve_preset_path(preset)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ValueError(f"preset {path}: not valid YAML ({error})") from error
+        raise ValueError(f"not valid YAML ({error})") from error
     return parse_config(raw, name=path.stem)
 
 
 def parse_config(raw: Any, name: str) -> StabilityConfig:
     """Build a StabilityConfig from a plain dict (as loaded from YAML), raising ValueError on the first bad value."""
     if not isinstance(raw, dict):
-        raise ValueError(f"preset {name!r}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ValueError(f"expected a mapping at the top level, got {type(raw).__name__}")
     top = _check_keys(raw, StabilityConfig, "", skip={"name"})
     algos_raw = top.get("algos")
     if not isinstance(algos_raw, dict) or not algos_raw:
