@@ -159,12 +159,15 @@ def tiny_hf_dense(seed: int = 0, **overrides):
     return Qwen3ForCausalLM(config).float().eval()
 
 
-def hf_token_log_probs(hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token under the HF model, [B, L-1]."""
+def hf_token_log_probs(
+    hf_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of each next token under the HF model, [B, L-1]; logits divided by the sampling temperature first,
+    as OpenRLHF's Actor does."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = hf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    log_probs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
