@@ -256,8 +256,10 @@ def _export_only(hf, sizes):
     }
 
 
-def _update(hf, sizes, batch, rank, routing_replay=False):
-    """One policy update, each rank on its half of the batch in micro-batches of 1; returns the HF-named weights."""
+def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None):
+    """One policy update, each rank on its half of the batch in micro-batches of 1; returns the HF-named weights.
+    `nan_grad_on_rank`: the gradient of that rank's first local expert turns NaN, as after an overflow in its
+    forward; no other rank holds that expert, so only a check across ranks stops the others from stepping."""
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.train import (
@@ -274,6 +276,9 @@ def _update(hf, sizes, batch, rank, routing_replay=False):
     load_hf_weights(model, hf.state_dict(), hf.config)
     ddp = wrap_ddp(model)
     optimizer = build_optimizer(ddp, OptimizerOptions(lr=UPDATE["lr"], clip_grad=UPDATE["clip_grad"]))
+    if rank == nan_grad_on_rank:  # a tensor hook runs before DDP copies the gradient into its buffer
+        expert = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
+        expert.register_hook(lambda grad: torch.full_like(grad, float("nan")))
     half = range(2 * rank, 2 * rank + 2)
     keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
     micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in half]
@@ -361,6 +366,7 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "export_pp2": _export_only(moe, ParallelSizes(world_size, pp=2)),
         "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
         "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
+        "update_ep2_nan_on_rank1": _update(moe, ParallelSizes(world_size, ep=2), batch, rank, nan_grad_on_rank=1),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
         "optimizer_groups_ep2": _optimizer_process_groups(moe, ParallelSizes(world_size, ep=2)),
     }

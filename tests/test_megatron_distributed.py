@@ -9,6 +9,8 @@ One spawn (`helpers_megatron.suite_worker`, ~40 s on 2 cores) runs every layout;
 - routing replay re-routes a re-batched pass exactly as recorded.
 """
 
+import math
+
 import helpers_megatron as hm
 import pytest
 import torch
@@ -91,6 +93,17 @@ def test_gmpo_update_is_the_same_at_ep1_ep2_and_in_hf(suite):
     # Adam moves every weight by about lr = 1e-3, two orders above the tolerance, so the comparison means something.
     moved = max((reference[n] - before[n]).abs().max().item() for n in before)
     assert moved > 5e-4
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(suite):
+    # megatron's bf16 optimizer would apply it (it checks only under fp16 loss scaling) and every weight would be NaN.
+    before = hm.tiny_hf_moe().state_dict()
+    for rank in range(2):
+        metrics, after, _ = suite[rank]["update_ep2_nan_on_rank1"]
+        assert metrics["update_skipped"] == 1.0 and math.isnan(metrics["grad_norm"])
+        for name, tensor in after.items():
+            assert torch.equal(tensor, before[name]), name  # not a weight moved, on either rank
+    assert suite[0]["update_ep2"][0]["update_skipped"] == 0.0  # the same step with finite advantages is taken
 
 
 def test_routing_replay_reuses_recorded_experts(suite):

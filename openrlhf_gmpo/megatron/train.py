@@ -125,8 +125,6 @@ class TorchAdamW:
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
         norm = model_parallel_grad_norm(self.params)
-        if not math.isfinite(norm):
-            return False, norm, None
         if norm > self.options.clip_grad:
             for p in self.params:
                 p.grad.mul_(self.options.clip_grad / (norm + 1e-6))
@@ -201,6 +199,17 @@ def model_parallel_grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
     return float((dense_sq + expert_sq).sqrt())
 
 
+def grads_are_finite(ddp_model) -> bool:
+    """Whether every rank's gradients are all finite. megatron's optimizer checks only under fp16 loss scaling; in
+    bf16 it would step on a NaN or inf gradient and leave every weight NaN, so policy_update skips that step."""
+    buffers = ddp_model.buffers + ddp_model.expert_parallel_buffers
+    flags = [torch.isfinite(b.grad_data).all() for b in buffers if b.grad_data is not None]
+    device = flags[0].device if flags else torch.device("cpu")
+    finite = torch.stack(flags).all().to(torch.int32) if flags else torch.ones((), dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def policy_update(
     ddp_model,
     optimizer,
@@ -214,7 +223,8 @@ def policy_update(
     temperature: float = 1.0,
     rollout_is_cap: float | None = None,
 ) -> dict[str, float]:
-    """Accumulate gradients over `micro_batches`, sync them, clip and step once. Returns this rank's metrics.
+    """Accumulate gradients over `micro_batches`, sync them, clip and step once. Returns this rank's metrics. A step
+    whose gradients are not all finite on every rank is skipped (`update_skipped` 1, `grad_norm` NaN).
 
     With `rollout_is_cap`, micro-batches that carry `rollout_log_probs` get the loss's rollout importance correction
     (OpenRLHF's `--algo.advantage.is_correction_level seq`, capped at its high threshold); without it they are ignored.
@@ -257,7 +267,10 @@ def policy_update(
         for key, value in metrics.items():
             totals[key] = _combine(key, totals.get(key), value.item(), len(micro_batches))
     ddp_model.finish_grad_sync()
-    updated, grad_norm, _ = optimizer.step()
+    if grads_are_finite(ddp_model):
+        updated, grad_norm, _ = optimizer.step()
+    else:
+        updated, grad_norm = False, float("nan")
     # Summed over micro-batches and averaged over DP ranks this is the loss of the whole batch.
     totals.update(policy_loss=loss_sum, grad_norm=float(grad_norm), update_skipped=float(not updated))
     return totals
