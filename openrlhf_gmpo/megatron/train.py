@@ -203,7 +203,9 @@ def grads_are_finite(ddp_model) -> bool:
     """Whether every rank's gradients are all finite. megatron's optimizer checks only under fp16 loss scaling; in
     bf16 it would step on a NaN or inf gradient and leave every weight NaN, so policy_update skips that step."""
     buffers = ddp_model.buffers + ddp_model.expert_parallel_buffers
-    flags = [torch.isfinite(b.grad_data).all() for b in buffers if b.grad_data is not None]
+    # The sum of a buffer is NaN or inf if any entry is, and needs no buffer-sized temporary: isfinite(grad_data)
+    # would allocate a bool per gradient (gigabytes per GPU for Qwen3-30B-A3B) at the step's memory peak.
+    flags = [torch.isfinite(b.grad_data.sum()) for b in buffers if b.grad_data is not None]
     device = flags[0].device if flags else torch.device("cpu")
     finite = torch.stack(flags).all().to(torch.int32) if flags else torch.ones((), dtype=torch.int32, device=device)
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
