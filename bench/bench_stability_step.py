@@ -110,7 +110,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    cfg = load_preset(args.preset)
+    try:
+        cfg = load_preset(args.preset)
+    except ValueError as error:
+        raise SystemExit(f"--preset {args.preset}: {error}") from None
     args.decode_cache = args.decode_cache or cfg.rl.decode_cache
     if args.algo not in cfg.algos:
         raise SystemExit(f"--algo {args.algo!r} is not in preset {cfg.name!r} (it has {', '.join(cfg.algos)})")

@@ -66,3 +66,19 @@ def test_an_architecture_the_backend_does_not_map_is_refused_at_launch(tmp_path)
     flags[flags.index("/nonexistent/model")] = str(tmp_path)
     with pytest.raises(SystemExit, match=f"--actor.model_name_or_path {tmp_path}: rope_type='yarn' is not supported"):
         helpers_plugin.dry_run(*flags)
+
+
+def test_a_config_without_head_dim_passes_the_launch_check(tmp_path):
+    import json
+
+    import helpers_megatron
+
+    # HF falls back to hidden_size // num_attention_heads (32 // 4 = 8, the tiny model's head_dim) when config.json
+    # leaves head_dim out; the launcher's check must accept what HF accepts.
+    helpers_megatron.tiny_hf_moe().config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    flags = [*BASE]
+    flags[flags.index("/nonexistent/model")] = str(tmp_path)
+    assert helpers_plugin.dry_run(*flags).args.actor.model_name_or_path == str(tmp_path)

@@ -95,6 +95,12 @@ def test_unsupported_configs_raise(overrides, options, message):
     assert message in str(error.value)
 
 
+def test_a_config_without_head_dim_uses_hidden_over_heads_as_hf_does():
+    config = _moe_config()
+    del config.head_dim  # config.json files may leave it out; HF then uses hidden_size // num_attention_heads
+    assert transformer_config_kwargs(config, ParallelSizes(1))["kv_channels"] == 32 // 4
+
+
 def test_fuse_qkv_groups_rows_per_kv_head():
     # 4 query heads, 2 KV heads, head_dim 1, hidden 1: row r of q is head r, so the fused order is readable.
     q = torch.tensor([[0.0], [1.0], [2.0], [3.0]])

@@ -1,6 +1,9 @@
 """Preset loading: the shipped presets parse, and bad values raise errors that name the key."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import helpers_stability
 import pytest
@@ -117,7 +120,7 @@ def test_an_algorithm_named_twice_is_refused(tmp_path):
         (["--preset", "tinyy"], "--preset tinyy: neither a shipped preset (200m, tiny) nor an existing YAML file"),
         (["--preset", "tiny", "--algos", " , "], "--algos ' , ': name at least one algorithm"),
         (["--preset", "tiny", "--steps", "0"], "--steps must be >= 1, got 0"),
-        (["--preset", "tiny", "--part"], "--part trains exactly one algorithm, got --algos None"),
+        (["--preset", "tiny", "--part"], "--part trains exactly one algorithm, got the preset's gmpo, grpo"),
         (["--preset", "tiny", "--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
     ],
     ids=["unknown preset", "no algorithm", "zero steps", "part of two", "cuda without a GPU"],
@@ -128,6 +131,15 @@ def test_bad_command_line_values_are_named_before_any_work(tmp_path, argv, messa
     with pytest.raises(SystemExit, match=re.escape(message)):
         cli_main(["stability", *argv, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     assert not (tmp_path / "cache").exists()  # nothing drawn or trained
+
+
+def test_the_step_bench_names_a_bad_preset():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_stability_step.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--preset", "tinyy"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "--preset tinyy: neither a shipped preset (200m, tiny)" in done.stderr
 
 
 def test_invalid_yaml_names_the_file(tmp_path):

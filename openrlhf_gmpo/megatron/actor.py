@@ -221,7 +221,8 @@ class MegatronPolicyActor(BaseModelActor):
                     rollout_is_cap=self._rollout_is_cap(),
                 )
                 metrics["actor_lr"] = self.lr_schedule.lr
-                self.lr_schedule.step()
+                if not metrics["update_skipped"]:  # as megatron's and DeepSpeed's loops: a skipped step uses no rate
+                    self.lr_schedule.step()
                 history.append(metrics)
         status = _mean_over_steps(history)
         status["actor_grad_norm"] = history[-1]["grad_norm"]  # OpenRLHF reports the last step's norm

@@ -30,6 +30,11 @@ def is_moe_config(hf_config) -> bool:
     return bool(getattr(hf_config, "num_experts", 0))
 
 
+def head_dim(hf_config) -> int:
+    """Qwen3 configs name head_dim (128 with hidden 2048 and 32 heads); HF falls back to hidden / heads without it."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def _rope_parameters(hf_config) -> dict:
     return getattr(hf_config, "rope_parameters", None) or {}
 
@@ -60,7 +65,7 @@ def transformer_config_kwargs(
         hidden_size=hf_config.hidden_size,
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
-        kv_channels=hf_config.head_dim,
+        kv_channels=head_dim(hf_config),
         ffn_hidden_size=hf_config.intermediate_size,
         normalization="RMSNorm",
         layernorm_epsilon=hf_config.rms_norm_eps,

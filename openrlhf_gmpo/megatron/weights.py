@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from openrlhf_gmpo.megatron.model import is_moe_config
+from openrlhf_gmpo.megatron.model import head_dim, is_moe_config
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def _layer_to_hf(params: dict, local: int, hf_config, expert_layout: str) -> Ite
     tp_group = ps.get_tensor_model_parallel_group()
     m = f"decoder.layers.{local}."
     qkv = torch.cat(_all_gather(params[m + "self_attention.linear_qkv.weight"], tp_group), dim=0)
-    q, k, v = split_qkv(qkv, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    q, k, v = split_qkv(qkv, c.num_attention_heads, c.num_key_value_heads, head_dim(c))
     yield "self_attn.q_proj.weight", q
     yield "self_attn.k_proj.weight", k
     yield "self_attn.v_proj.weight", v

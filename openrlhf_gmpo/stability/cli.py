@@ -112,7 +112,8 @@ def _options(args: argparse.Namespace, cfg):
     if steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {steps}")
     if args.part and len(algos) != 1:
-        raise SystemExit(f"--part trains exactly one algorithm, got --algos {args.algos!r}")
+        given = f"--algos {args.algos!r}" if args.algos else f"the preset's {', '.join(algos)}"
+        raise SystemExit(f"--part trains exactly one algorithm, got {given}")
     out_dir = args.out or Path("runs") / f"stability-{cfg.name}"
     existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())  # the cwd, at least
     if not existing.is_dir():
