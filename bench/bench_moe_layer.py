@@ -19,7 +19,6 @@ before and after the MoE cases; the higher of the two rates is the denominator o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,9 +82,10 @@ def init_megatron(device: str) -> None:
 
         helpers_megatron.install_cpu_shims()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        # A one-process world needs no rendezvous port: an in-process store cannot collide with other jobs' ports
+        # (a MASTER_PORT left in the environment by a caller once did).
+        backend = "nccl" if device == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
     # megatron's attention forks its model-parallel RNG even without dropout; on CPU the inference tracker holds it.
     model_parallel_cuda_manual_seed(0, inference_rng_tracker=device == "cpu")

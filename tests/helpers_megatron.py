@@ -105,9 +105,8 @@ def one_process_world():
 
     owns_world = not torch.distributed.is_initialized()
     if owns_world:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        # An in-process store: no port, and no MASTER_PORT left in os.environ for subprocesses of later tests.
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     initialize_parallel_state(ParallelSizes(1))
     try:
         yield

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import helpers_megatron
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +120,7 @@ def test_model_decoder_layer_needs_both_depths():
 def test_layer_bench_script_stopped_by_timeout_writes_partial_json(tmp_path):
     # The real script on CPU: SIGTERM as soon as its first case is measured (~5 s in), as `timeout` would send it.
     out = tmp_path / "moe_layer.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(helpers_megatron.free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "bench" / "bench_moe_layer.py"), "--device", "cpu", "--small", "--json", out]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed = ""
