@@ -206,8 +206,7 @@ def grads_are_finite(ddp_model) -> bool:
     # The sum of a buffer is NaN or inf if any entry is, and needs no buffer-sized temporary: isfinite(grad_data)
     # would allocate a bool per gradient (gigabytes per GPU for Qwen3-30B-A3B) at the step's memory peak.
     flags = [torch.isfinite(b.grad_data.sum()) for b in buffers if b.grad_data is not None]
-    device = flags[0].device if flags else torch.device("cpu")
-    finite = torch.stack(flags).all().to(torch.int32) if flags else torch.ones((), dtype=torch.int32, device=device)
+    finite = torch.stack(flags).all().to(torch.int32)  # on the buffers' device, as the collective's backend needs
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
 
