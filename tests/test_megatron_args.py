@@ -14,6 +14,13 @@ BASE = (
 )  # fmt: skip
 
 
+def with_local_model(path, *flags) -> list[str]:
+    """BASE with --actor.model_name_or_path at a local model folder (whose config the launcher reads), plus flags."""
+    base = list(BASE)
+    base[base.index("/nonexistent/model")] = str(path)
+    return [*base, *flags]
+
+
 def test_qwen3_moe_layout_resolves_the_flags():
     args = helpers_plugin.dry_run(*BASE, "--megatron.ep", "8", "--megatron.routing_replay").args
     assert (args.megatron.tp, args.megatron.pp, args.megatron.ep, args.megatron.etp) == (1, 1, 8, 1)
@@ -48,12 +55,10 @@ def test_model_numbers_are_checked_at_launch_when_the_config_is_local(tmp_path):
 
     # The tiny test model has 4 experts: EP=8 cannot split them, and the launcher says so before any GPU work.
     helpers_megatron.tiny_hf_moe().config.save_pretrained(tmp_path)
-    flags = [*BASE, "--megatron.ep", "8"]
-    flags[flags.index("/nonexistent/model")] = str(tmp_path)
     with pytest.raises(
         SystemExit, match=f"--actor.model_name_or_path {tmp_path}: .*4 experts are not divisible by ep=8"
     ):
-        helpers_plugin.dry_run(*flags)
+        helpers_plugin.dry_run(*with_local_model(tmp_path, "--megatron.ep", "8"))
 
 
 def test_an_architecture_the_backend_does_not_map_is_refused_at_launch(tmp_path):
@@ -62,10 +67,8 @@ def test_an_architecture_the_backend_does_not_map_is_refused_at_launch(tmp_path)
     # YaRN rope scaling (Qwen3's long-context setting): megatron's plain RoPE would put positions elsewhere.
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}
     helpers_megatron.tiny_hf_moe(rope_parameters=yarn).config.save_pretrained(tmp_path)
-    flags = [*BASE]
-    flags[flags.index("/nonexistent/model")] = str(tmp_path)
     with pytest.raises(SystemExit, match=f"--actor.model_name_or_path {tmp_path}: rope_type='yarn' is not supported"):
-        helpers_plugin.dry_run(*flags)
+        helpers_plugin.dry_run(*with_local_model(tmp_path))
 
 
 def test_a_config_without_head_dim_passes_the_launch_check(tmp_path):
@@ -79,6 +82,4 @@ def test_a_config_without_head_dim_passes_the_launch_check(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     del config["head_dim"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    flags = [*BASE]
-    flags[flags.index("/nonexistent/model")] = str(tmp_path)
-    assert helpers_plugin.dry_run(*flags).args.actor.model_name_or_path == str(tmp_path)
+    assert helpers_plugin.dry_run(*with_local_model(tmp_path)).args.actor.model_name_or_path == str(tmp_path)
