@@ -8,6 +8,20 @@ STUBBED_MODULES = helpers_stubs.install_import_stubs()
 STUB_SITE = os.path.join(os.path.dirname(__file__), "stub_site")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs for a test module. Workers get the same two import stubs as this process
+    (stub_site/sitecustomize.py) and can import the package and the test helpers, as a real job gets them from its
+    runtime_env."""
+    import ray
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join([STUB_SITE, os.path.dirname(tests), tests])
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    yield
+    ray.shutdown()
+
+
 def _cuda_available() -> bool:
     import torch
 

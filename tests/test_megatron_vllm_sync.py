@@ -48,13 +48,6 @@ class RecordingGroup:
         self.sent.append(tensor.clone())
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def per_expert_hf_state(hf) -> dict[str, torch.Tensor]:
     """The HF model's weights under the names a checkpoint on disk (and vLLM's loader) uses: one tensor per expert
     projection instead of transformers' fused [E, 2F, H] / [E, H, F] experts."""

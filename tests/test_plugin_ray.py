@@ -3,23 +3,10 @@
 import os
 
 import helpers_plugin
-import pytest
 import ray
 import torch
 
 from openrlhf_gmpo.losses import compute_policy_loss
-
-TESTS = os.path.join(helpers_plugin.ROOT, "tests")
-
-
-@pytest.fixture
-def local_ray():
-    # Workers get the same two import stubs as this process (stub_site/sitecustomize.py) and can import the
-    # package and the test helpers, as a real job gets them from its runtime_env.
-    pythonpath = os.pathsep.join([os.path.join(TESTS, "stub_site"), helpers_plugin.ROOT, TESTS])
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    yield
-    ray.shutdown()
 
 
 def test_policy_actor_worker_uses_our_loss(local_ray):
