@@ -1,8 +1,7 @@
 """Test-only helpers for running megatron-core on CPU with gloo process groups.
 
-megatron-core assumes CUDA in a few places that do not matter for the maths (device lookups, side streams, a
-device-to-host copy of the all-to-all split sizes). `install_cpu_shims()` replaces exactly those, as listed in
-/work/shared/FACTS.md; package code never calls it. Everything else (layers, router, dispatcher, DDP) is the real
+megatron-core assumes CUDA in a few places that do not matter for the maths; `install_cpu_shims()`
+(helpers_cpu_shims.py) replaces exactly those. Everything else (layers, router, dispatcher, DDP) is the real
 megatron-core code.
 """
 
@@ -13,6 +12,7 @@ import os
 import socket
 
 import torch
+from helpers_cpu_shims import install_cpu_shims  # noqa: F401  (tests and benches call hm.install_cpu_shims)
 
 TINY_MOE = dict(
     vocab_size=64,
@@ -32,61 +32,6 @@ TINY_MOE = dict(
     rms_norm_eps=1e-6,
     max_position_embeddings=128,
 )
-
-
-class _NoOpEvent:
-    def synchronize(self):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-
-class _NoOpStream:
-    """Stands in for torch.cuda.Stream: CPU work is synchronous, so ordering between streams is already given."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-    def record_event(self, event=None):
-        return _NoOpEvent()
-
-    def synchronize(self):
-        pass
-
-
-_SHARED_STREAM = _NoOpStream()
-
-
-def install_cpu_shims() -> None:
-    """Patch the CUDA-only calls megatron-core makes on its CPU path (idempotent, per process)."""
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
-
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.Stream = _NoOpStream
-    torch.cuda.Event = _NoOpEvent
-    torch.cuda.current_stream = lambda *a, **k: _SHARED_STREAM
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    torch.cuda.synchronize = lambda *a, **k: None
-
-    def move_to_cpu(tensor, as_numpy=False, record_stream=False):
-        # The all-to-all needs the split sizes as host numbers; on CPU the tensor is already on the host.
-        if torch.is_tensor(tensor) and as_numpy:
-            return tensor.numpy()
-        return tensor
-
-    moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
-    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
 def free_port() -> int:
