@@ -4,7 +4,10 @@ The launcher's way of wrapping it (`ray.remote`), the arguments from the real la
 (`--backend megatron`, OpenRLHF's own parser), a saved tiny HF Qwen3-MoE checkpoint; one run (~60 s) goes
 forward through `execute_batch` -> `append` -> `fit` (one GMPO step with routing replay) -> `save_model` ->
 `save_checkpoint`, then two fresh actors resume from the checkpoint. Expected values come from the same GMPO step
-taken by a plain HF model in this process.
+taken by a plain HF model in this process. With `--ds.enable_sleep`, as OpenRLHF does: the actors start offloaded,
+`forward` and the saves run offloaded, and each `fit` sits between `reload_states` and `offload_states`.
+
+`broadcast_to_vllm`'s sending side is tested in test_megatron_vllm_sync.py (vLLM itself cannot run here).
 """
 
 import copy
@@ -55,6 +58,7 @@ def actor_run(tmp_path_factory):
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
         "--actor.max_norm", str(MAX_NORM),
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"),
+        "--ds.enable_sleep",
     ).args  # fmt: skip
     # Workers get the vllm/flash-attn import stubs (stub_site) and can import the package and the test helpers.
     pythonpath = os.pathsep.join([os.path.join(TESTS, "stub_site"), os.path.dirname(TESTS), TESTS])
@@ -64,9 +68,14 @@ def actor_run(tmp_path_factory):
         # What the launcher does for --backend megatron, without the GPU this machine lacks.
         actor_class = ray.remote(num_gpus=0, num_cpus=1)(MegatronPolicyActor)
         actors = _start_actors(actor_class, args, pretrain)
+        grad_storage = {"after_init": _grad_storage(actors)}
+        ray.get([a.reload_states.remote() for a in actors])
+        grad_storage["reloaded"] = _grad_storage(actors)
+        ray.get([a.offload_states.remote() for a in actors])
         old = _forward(actors)
         uneven = _uneven_forward(actors)
         status = _step(actors, old)
+        grad_storage["after_fit"] = _grad_storage(actors)
         new = _forward(actors)
         ray.get([a.save_model.remote() for a in actors], timeout=120)
         ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 2}) for a in actors])
@@ -81,6 +90,7 @@ def actor_run(tmp_path_factory):
         resume_args.ckpt.load_enable = True
         resumed = _start_actors(actor_class, resume_args, pretrain)
         results = dict(old=old, uneven=uneven, status=status, new=new, second=second, resumed=_forward(resumed))
+        results["grad_storage"] = grad_storage
         results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])
         _step(resumed, results["resumed"])  # the same second step after the resume
         results["resumed_second"] = _forward(resumed)
@@ -93,7 +103,7 @@ def actor_run(tmp_path_factory):
 
 def _step(actors, old):
     ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
-    return ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+    return _sleeping_fit(actors)
 
 
 def _partial_step(actors, old):
@@ -102,7 +112,25 @@ def _partial_step(actors, old):
     batch = hm.policy_batch()
     refs = [a.append.remote(hm.experience(batch, [2 * rank], old[rank][:1])) for rank, a in enumerate(actors)]
     ray.get(refs)
-    return ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+    return _sleeping_fit(actors)
+
+
+def _sleeping_fit(actors):
+    """OpenRLHF's PPO step under --ds.enable_sleep: reload, fit, offload."""
+    ray.get([a.reload_states.remote() for a in actors])
+    status = ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
+    ray.get([a.offload_states.remote() for a in actors])
+    return status
+
+
+def _grad_storage(actors) -> list[list[int]]:
+    """Per rank, the bytes held by each of megatron DDP's gradient buffers (dense and expert)."""
+
+    def sizes(actor):
+        buffers = actor.model.buffers + actor.model.expert_parallel_buffers
+        return [b.grad_data.untyped_storage().nbytes() for b in buffers]
+
+    return ray.get([a.__ray_call__.remote(sizes) for a in actors])
 
 
 def _uneven_forward(actors):
@@ -201,12 +229,14 @@ def test_fit_skips_the_update_when_a_rank_has_less_than_one_step(actor_run):
         torch.testing.assert_close(results["after_partial"][rank], results["resumed_second"][rank], atol=0, rtol=0)
 
 
-@pytest.mark.skip(
-    reason="broadcast_to_vllm needs vLLM engines and an NCCL group with rank 0 (GPU); its export half "
-    "(iter_hf_weights per_expert) is covered by test_megatron_distributed"
-)
-def test_broadcast_to_vllm():
-    pass
+def test_offload_frees_the_gradient_buffers_and_reload_restores_them(actor_run):
+    storage = actor_run[0]["grad_storage"]
+    for rank in range(2):
+        # Both ranks hold a dense buffer and an expert buffer (EP=2); they are freed, not moved, while offloaded.
+        assert len(storage["reloaded"][rank]) == 2 and min(storage["reloaded"][rank]) > 0
+        assert storage["after_init"][rank] == [0, 0] and storage["after_fit"][rank] == [0, 0]
+    # The step taken between reload and offload is the HF reference step (test_fit_is_one_gmpo_step...), and the
+    # resumed run's steps equal the uninterrupted run's (test_checkpoint_resume...): the restored buffers work.
 
 
 def test_model_path_may_be_a_local_directory_or_a_hub_id(tmp_path, monkeypatch):

@@ -52,9 +52,9 @@ def test_countdown_preset_on_megatron_runs_until_the_first_rollout(tmp_path, mon
                 "--actor.model_name_or_path", str(countdown / "model-tiny"),
                 "--data.prompt_dataset", str(countdown / "data" / "train.jsonl"),
                 "--actor.num_gpus_per_node", "2", "--megatron.ep", "2",
-                # One GPU shared with vLLM in the preset; here no vLLM engine and no sleep mode (CUDA only).
-                "--vllm.num_engines", "0", "--unset", "train.colocate_all", "--unset", "vllm.enable_sleep",
-                "--unset", "ds.enable_sleep",
+                # The preset's colocation (actors at 0.2 GPU on a shared placement group) and sleep mode stay on;
+                # there is no vLLM engine to share the GPUs with.
+                "--vllm.num_engines", "0",
                 "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
                 "--train.micro_batch_size", "1", "--rollout.micro_batch_size", "1", "--data.max_samples", "8",
                 "--data.max_len", "128", "--rollout.max_new_tokens", "16",

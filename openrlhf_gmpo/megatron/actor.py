@@ -10,7 +10,7 @@ What OpenRLHF's PPO trainer calls, and what each does here:
 - `append(experience)`, `fit(kl_ctl)`: buffer this rank's experiences, then run `train.max_epochs` passes of optimizer
   steps over them; returns the metrics dict the trainer logs.
 - `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`,
-  `offload_states()` / `reload_states()` (GPU only, for `--ds.enable_sleep`).
+  `offload_states()` / `reload_states()` (for `--ds.enable_sleep`: what they free is GPU memory).
 
 Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecutive actors, which
 `validate_megatron_args` makes equal to megatron's TP size, so a chunk lands on exactly one data-parallel replica.
@@ -276,13 +276,15 @@ class MegatronPolicyActor(BaseModelActor):
         self.optimizer.offload_to_cpu()
         for buffer in self.model.buffers + self.model.expert_parallel_buffers:
             buffer.offload_to_cpu(move_params=False, move_grads=True)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def reload_states(self) -> None:
         for buffer in self.model.buffers + self.model.expert_parallel_buffers:
             buffer.reload_from_cpu(move_params=False, move_grads=True)
         self.optimizer.restore_from_cpu()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def save_model(self) -> None:
         self._save_hf(self.args.ckpt.output_dir)

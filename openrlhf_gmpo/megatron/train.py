@@ -121,6 +121,12 @@ class TorchAdamW:
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
 
+    def offload_to_cpu(self) -> None:
+        """megatron's RL offload moves the optimizer states to host memory; this optimizer's live there already."""
+
+    def restore_from_cpu(self) -> None:
+        """The states stay in host memory (see offload_to_cpu)."""
+
     def step(self) -> tuple[bool, float, None]:
         for p in self.params:
             p.grad = p.main_grad.to(p.dtype)
