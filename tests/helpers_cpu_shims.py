@@ -66,3 +66,47 @@ def install_cpu_shims() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+
+def emulate_cuda_tensors() -> None:
+    """Let megatron's GPU-only optimizer path (DistributedOptimizer over DDP's buffers) run on CPU, in a spawned
+    worker only: tensors asked for on "cuda" are made on the CPU, `Tensor.cuda()` returns the tensor itself, and
+    `Tensor.type()` names the CUDA type, which megatron checks parameters against. Call `torch.cuda.is_available`
+    -> True only around building the DDP wrapper and the optimizer, so that the package takes its GPU branches."""
+
+    def on_host(device):
+        if isinstance(device, int) or (isinstance(device, str | torch.device) and str(device).startswith("cuda")):
+            return torch.device("cpu")
+        return device
+
+    for name in ("tensor", "zeros", "empty", "ones", "full", "arange", "zeros_like", "empty_like", "ones_like"):
+        factory = getattr(torch, name)
+
+        def made_on_host(*args, _factory=factory, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = on_host(kwargs["device"])
+            return _factory(*args, **kwargs)
+
+        setattr(torch, name, made_on_host)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.empty_cache = lambda: None
+    host_type = torch.Tensor.type
+
+    def cuda_type(self, *args, **kwargs):
+        if args or kwargs:
+            return host_type(self, *args, **kwargs)
+        name = host_type(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_type
+
+
+@contextlib.contextmanager
+def cuda_reported_available():
+    """`torch.cuda.is_available()` is True inside (see emulate_cuda_tensors)."""
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_available = available

@@ -25,7 +25,7 @@ import shutil
 import torch
 from openrlhf.trainer.ray.launcher import BaseModelActor
 
-from openrlhf_gmpo.megatron import checkpoints, routing_replay, vllm_sync
+from openrlhf_gmpo.megatron import checkpoints, routing_replay, training_state, vllm_sync
 from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, local_checkpoint_dir, save_hf_checkpoint
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
 from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
@@ -283,6 +283,7 @@ class MegatronPolicyActor(BaseModelActor):
         for buffer in self.model.buffers + self.model.expert_parallel_buffers:
             buffer.reload_from_cpu(move_params=False, move_grads=True)
         self.optimizer.restore_from_cpu()
+        training_state.keep_adam_steps_on_host(self.optimizer)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
@@ -326,15 +327,9 @@ class MegatronPolicyActor(BaseModelActor):
     def _save_resumable(self, tag, client_states, metric_value, metric_key) -> None:
         path = self._checkpoint_dir(tag)
         os.makedirs(path, exist_ok=True)
-        rank = torch.distributed.get_rank()
-        state = {"model": self.model.module.state_dict(), "client_states": client_states or {}}
-        if hasattr(self.optimizer, "save_parameter_state"):
-            self.optimizer.save_parameter_state(checkpoints.parameter_state_file(path, rank))
-        state["optimizer"] = self.optimizer.state_dict()
-        state["lr_schedule"] = self.lr_schedule.state_dict()
-        torch.save(state, os.path.join(path, f"rank{rank:05d}.pt"))
+        training_state.save(path, self.model.module, self.optimizer, self.lr_schedule, client_states)
         torch.distributed.barrier()  # every rank's file is written before the tag becomes "latest"
-        if rank == 0:
+        if torch.distributed.get_rank() == 0:
             checkpoints.write_metric(path, metric_value, metric_key)
             actor_dir = os.path.dirname(path)
             with open(os.path.join(actor_dir, "latest"), "w") as f:
@@ -348,13 +343,7 @@ class MegatronPolicyActor(BaseModelActor):
             return {}
         with open(latest) as f:
             path = self._checkpoint_dir(f.read().strip())
-        state = torch.load(os.path.join(path, f"rank{torch.distributed.get_rank():05d}.pt"), weights_only=False)
-        self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if hasattr(self.optimizer, "load_parameter_state"):
-            self.optimizer.load_parameter_state(checkpoints.parameter_state_file(path, torch.distributed.get_rank()))
-        return state["client_states"]
+        return training_state.load(path, self.model.module, self.optimizer, self.lr_schedule)
 
     def get_checkpoint_states(self) -> dict:
         return self.checkpoint_states

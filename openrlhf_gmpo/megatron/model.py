@@ -202,6 +202,17 @@ def build_gpt_model(
         rotary_base=_rope_theta(hf_config),
         parallel_output=True,  # keep logits vocab-sharded; log-probs never gather the full vocabulary
     )
+    _norms_to(model, params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     return model
+
+
+def _norms_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The local spec's RMSNorms in the model's dtype. Without Apex megatron builds them as torch.nn.RMSNorm, which
+    ignores `params_dtype`: fp32 norm weights in a bf16 model keep torch from its fused RMSNorm kernel, add an fp32
+    gradient buffer, differ from the HF and vLLM models (bf16 norm weights) and from TE's norms, and break megatron's
+    optimizer-state loading (training_state._load_parameter_state)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(dtype)
