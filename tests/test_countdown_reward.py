@@ -89,6 +89,16 @@ def test_prompt_answer_tags_are_not_scored_when_the_query_does_not_start_with_th
     assert reward_file.reward_func([query], [prompt], [LABEL])["rewards"].tolist() == [0.0]
 
 
+def test_the_response_is_after_the_last_assistant_marker_when_the_prompt_does_not_match():
+    reward_file = load_by_path()
+    # No prompt to strip: the answer shown in the user turn is not the model's.
+    query = "<|user|>e.g. <answer>44-35+19</answer><|assistant|>no answer"
+    assert reward_file.reward_func([query], [""], [LABEL])["rewards"].tolist() == [0.0]
+    # Two assistant markers: only the text after the last one is the response.
+    query = "<|assistant|><answer>44-35+19</answer><|assistant|>none"
+    assert reward_file.reward_func([query], ["other"], [LABEL])["rewards"].tolist() == [0.0]
+
+
 def test_reward_file_works_where_the_package_is_not_importable(monkeypatch):
     # sys.modules[name] = None makes `import name` raise ImportError: the file then loads its sibling scorer.py.
     monkeypatch.setitem(sys.modules, "openrlhf_gmpo.countdown.scorer", None)
@@ -97,7 +107,19 @@ def test_reward_file_works_where_the_package_is_not_importable(monkeypatch):
     assert reward_file.reward_func(["<answer>44-35+19</answer>"], [""], [LABEL])["rewards"].tolist() == [1.0]
 
 
-@pytest.mark.parametrize("label", ["not json", '{"numbers": [1, 2]}', '{"numbers": ["1"], "target": 3}', None])
+@pytest.mark.parametrize(
+    "label",
+    [
+        "not json",
+        '{"numbers": [1, 2]}',
+        '{"numbers": ["1"], "target": 3}',
+        None,
+        '{"numbers": [-1, 2], "target": 3}',  # numbers are >= 0
+        '{"numbers": [true, 2], "target": 3}',  # a JSON bool is not a number here (True == 1 in Python)
+        '{"numbers": [1, 2], "target": true}',
+        '{"numbers": [1, 2], "target": "3"}',  # a string target would score every answer 0.1
+    ],
+)
 def test_bad_label_names_the_label(label):
     reward_file = load_by_path()
     with pytest.raises(ValueError, match="CountDown label must"):

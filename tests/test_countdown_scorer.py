@@ -22,8 +22,6 @@ NUMBERS, TARGET = (44, 19, 35), 28  # 44 - 35 + 19 = 28
         ("<answer>44-35+19*1</answer>", 0.1),  # extra literal 1
         ("<answer>63-35</answer>", 0.1),  # 28, but 44 and 19 are replaced by their sum
         ("<answer>44-16</answer>", 0.1),  # 28 with numbers that were not given
-        # 0.1: division by zero, even where the final value would otherwise be reachable
-        ("<answer>44/(35-35)+19</answer>", 0.1),
         # 0.1: garbage inside the tags
         ("<answer>__import__('os').system('echo pwned')</answer>", 0.1),
         ("<answer>44-35+19=28</answer>", 0.1),  # '=' is not in the grammar
@@ -85,3 +83,15 @@ def test_fractional_intermediate_is_exact():
 def test_huge_literal_is_bounded():
     assert score("<answer>" + "9" * 150 + "</answer>", NUMBERS, TARGET) == 0.1
     assert score("<answer>" + "9" * 5000 + "</answer>", NUMBERS, TARGET) == 0.1
+
+
+def test_division_by_zero_is_a_wrong_answer():
+    # 44 / (35 - 35) + 19 uses each of 44, 35, 35, 19 once, so the division itself is evaluated (with the default
+    # numbers 35 would be used twice and the literal check would answer first): well-formed, so 0.1, not 0.
+    assert score("<answer>44/(35-35)+19</answer>", (44, 35, 35, 19), 28) == 0.1
+
+
+def test_the_value_must_equal_the_target_exactly():
+    # 7 / 2 = 3.5: not 3, though it truncates to 3
+    assert score("<answer>7/2</answer>", (7, 2), 3) == 0.1
+    assert score("<answer>7/2</answer>", (7, 2), 4) == 0.1

@@ -41,6 +41,7 @@ NAN_AT_VALID = torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])
         ({"clip_eps_low": 0.0}, "clip_eps_low"),
         ({"clip_eps_high": -0.1}, "clip_eps_high"),
         ({"clip_eps_high": float("nan")}, "clip_eps_high"),
+        ({"clip_eps_low": True}, "clip_eps_low must be a finite number > 0, got True"),  # not 1.0
         ({"rollout_is_cap": 0}, "rollout_is_cap"),
         ({"dp_size": 0}, "dp_size"),
         ({"dp_size": 2.0}, "dp_size"),
@@ -48,8 +49,10 @@ NAN_AT_VALID = torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]])
         ({"global_batch_size": torch.tensor(-1.0)}, "global_batch_size"),
         ({"global_batch_size": torch.tensor(float("nan"))}, "global_batch_size"),
         ({"global_batch_size": torch.ones(2)}, "global_batch_size"),
+        ({"global_batch_size": torch.ones(0)}, "global_batch_size must be a number or a 1-element tensor"),
         ({"action_mask": torch.tensor([[1, 2, 0], [1, 1, 1]])}, "action_mask must hold only 0/1"),
         ({"action_mask": torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]])}, "action_mask must hold only 0/1"),
+        ({"action_mask": torch.tensor([[1, -1, 0], [1, 1, 1]])}, "action_mask must hold only 0/1"),
         ({"log_probs": NAN_AT_VALID}, "log_probs has NaN/inf"),
         ({"old_log_probs": -NAN_AT_VALID.exp() * float("inf")}, "old_log_probs has NaN/inf"),
         ({"rollout_log_probs": NAN_AT_VALID}, "rollout_log_probs has NaN/inf"),
@@ -67,6 +70,7 @@ def test_bad_input_names_the_argument(overrides, pattern):
     "overrides, where",
     [
         ({"action_mask": torch.tensor([[1, 1, 1], [1, 2, 0]])}, "first at [1, 1]: 2"),
+        ({"action_mask": torch.tensor([[1, 2, 0], [1, 3, 1]])}, "first at [0, 1]: 2"),  # the first of two
         ({"log_probs": NAN_AT_VALID}, "first at [0, 1]: nan"),
         ({"advantages": torch.tensor([1.0, float("inf")])}, "first at [1]: inf"),
         ({"advantages": torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 1.0]])}, "first in row 1: from 1.0 to 2.0"),

@@ -166,3 +166,59 @@ def test_weight_decay_skips_biases_and_norms_on_the_cpu_optimizer():
     # megatron's default rule: matrices decay; biases and 1-D weights (the norm's weight) do not.
     assert [p.shape for p in decayed["params"]] == [(4, 4)] and decayed["weight_decay"] == 0.1
     assert [p.shape for p in plain["params"]] == [(4,), (4,), (4,)] and plain["weight_decay"] == 0.0
+
+
+def test_lr_schedule_resumes_with_the_rate_of_the_step_it_stopped_at():
+    from openrlhf_gmpo.megatron.train import LRSchedule
+
+    def schedule_for(optimizer):
+        # 7 steps, warmup ratio 0.2 -> ceil(1.4) = 2 warmup steps: rates 0, 0.5, then 1.0 (constant after warmup)
+        return LRSchedule(optimizer, "constant_with_warmup", 1.0, total_steps=7, warmup_ratio=0.2, min_lr_ratio=0.0)
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    first = optimizer()
+    schedule = schedule_for(first)
+    rates = []
+    for _ in range(3):
+        rates.append(first.param_groups[0]["lr"])
+        schedule.step()
+    assert rates == [0.0, 0.5, 1.0]  # int(1.4) = 1 warmup step would give [0, 1, 1]
+    resumed = optimizer()
+    schedule_for(resumed).load_state_dict(schedule.state_dict())
+    assert resumed.param_groups[0]["lr"] == 1.0  # the resumed step's rate, written at once (not 0, the fresh rate)
+    with pytest.raises(ValueError, match="total_steps=0"):
+        LRSchedule(optimizer(), "constant", 1.0, total_steps=0, warmup_ratio=0.0, min_lr_ratio=0.0)
+
+
+def test_micro_batch_metrics_fold_into_means_and_extremes():
+    from openrlhf_gmpo.megatron.train import _combine
+
+    # policy_update's metrics over micro-batches: a mean for most keys, the extreme for *_min / *_max
+    total = None
+    for value in (1.0, 3.0):
+        total = _combine("approx_kl", total, value, 2)
+    assert total == 2.0
+    low = high = None
+    for value in (2.0, 1.0, 3.0):
+        low, high = _combine("token_ratio_min", low, value, 3), _combine("token_ratio_max", high, value, 3)
+    assert (low, high) == (1.0, 3.0)
+
+
+def test_left_align_leaves_an_all_padding_row_alone():
+    from openrlhf_gmpo.megatron.logprobs import left_align
+
+    ids, mask, shift = left_align(torch.arange(6).reshape(2, 3), torch.tensor([[0, 1, 1], [0, 0, 0]]))
+    assert shift.tolist() == [1, 0] and ids.tolist() == [[1, 2, 0], [3, 4, 5]]
+    assert mask.int().tolist() == [[1, 1, 0], [0, 0, 0]]
+
+
+def test_routing_replay_refuses_a_batch_that_does_not_match_the_recording():
+    from openrlhf_gmpo.megatron.routing_replay import join_per_sequence
+
+    recorded = [torch.zeros(2, 3, 1, dtype=torch.long)]  # 2 layers, 3 tokens, top-1: one sequence
+    with pytest.raises(ValueError, match="1 recorded sequences for a batch of 2"):
+        join_per_sequence(recorded, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sequence 0: 3 recorded tokens, the mask has 2"):
+        join_per_sequence(recorded, torch.tensor([[0, 1, 1]], dtype=torch.bool))

@@ -1,5 +1,6 @@
 """The PolicyLoss adapter inside OpenRLHF's actor path: same call, same tuple, our loss and metrics."""
 
+import math
 import os
 import re
 import sys
@@ -150,3 +151,29 @@ def test_version_check_refuses_every_other_release(monkeypatch, installed):
     message = rf"installed openrlhf is {re.escape(installed)}, but this plugin supports only openrlhf 0\.11\.2"
     with pytest.raises(SystemExit, match=message):
         version.check_openrlhf_version()
+
+
+@pytest.mark.parametrize(("level", "cap"), [("off", None), ("seq", 5.0)])
+def test_loss_is_built_from_openrlhf_args_low_high_and_the_upper_threshold(level, cap):
+    # Asymmetric bounds and thresholds, parsed by OpenRLHF's own parser: low stays low, and the rollout weight cap
+    # is the upper threshold (5.0, not 0.5), set only when the correction is on.
+    args = helpers_plugin.dry_run(
+        "--actor.policy_loss_type", "gmpo", "--actor.eps_clip_low_high", "0.2", "0.3",
+        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0", "--rollout.n_samples_per_prompt", "4",
+        "--algo.advantage.is_correction_level", level, "--algo.advantage.is_correction_threshold", "0.5", "5.0",
+    ).args  # fmt: skip
+    adapter = loss_adapter.OpenRLHFPolicyLoss.from_args(args)
+    assert (adapter.clip_eps_low, adapter.clip_eps_high, adapter.rollout_is_cap) == (0.2, 0.3, cap)
+
+
+def test_capped_share_compares_each_sequence_mean_and_counts_only_valid_sequences():
+    # logp_old - logp_rollout = 0.1 on every token: each sequence's log-weight is the mean, 0.1 (its sum would be
+    # 0.4). Row 2 has no valid token and is not a sequence.
+    old = torch.zeros(3, 4)
+    rollout = torch.full((3, 4), -0.1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    vllm_kl, share = loss_adapter._rollout_mismatch(old, rollout, mask, cap=math.exp(0.2))
+    assert share.item() == 0.0  # 0.1 < 0.2: neither sequence capped
+    assert vllm_kl.item() == pytest.approx(-0.1)
+    _, share = loss_adapter._rollout_mismatch(old, rollout, mask, cap=math.exp(0.05))
+    assert share.item() == 1.0  # both valid sequences capped: 2 of 2, not 2 of 3
