@@ -1,5 +1,6 @@
 """The PolicyLoss adapter inside OpenRLHF's actor path: same call, same tuple, our loss and metrics."""
 
+import functools
 import math
 import os
 import re
@@ -177,3 +178,45 @@ def test_capped_share_compares_each_sequence_mean_and_counts_only_valid_sequence
     assert vllm_kl.item() == pytest.approx(-0.1)
     _, share = loss_adapter._rollout_mismatch(old, rollout, mask, cap=math.exp(0.05))
     assert share.item() == 1.0  # both valid sequences capped: 2 of 2, not 2 of 3
+
+
+def test_installed_gspo_ours_reports_sample_weighted_clip_fractions():
+    # install_policy_loss wraps the trainer's training_step; for a loss that clips whole sequences the clip
+    # fractions it adds count sequences. Here the wrapped step is OpenRLHF's status dict, as training_step returns it.
+    args = helpers_plugin.dry_run(
+        "--actor.policy_loss_type", "gspo_ours", "--actor.eps_clip_low_high", "3e-4", "4e-4",
+        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0", "--rollout.n_samples_per_prompt", "4",
+    ).args  # fmt: skip
+    trainer = helpers_plugin.trainer_for(args)
+    trainer.training_step = lambda: {"metrics": {"policy_loss": torch.tensor(0.5)}, "weights": {}}
+    installed = loss_adapter.install_policy_loss(trainer)
+    installed(**helpers_plugin.loss_inputs())  # the step's loss call, which leaves its metrics behind
+    status = trainer.training_step()
+    assert status["weights"]["gmpo/clip_frac_low"] == status["weights"]["gmpo/clip_frac_high"] == "sample"
+
+
+def test_loss_without_an_action_mask_counts_every_token():
+    inputs = helpers_plugin.loss_inputs()
+    del inputs["action_mask"]
+    loss = loss_adapter.OpenRLHFPolicyLoss("gmpo", 0.4, 0.4)(**inputs)[0]
+    full = torch.ones_like(inputs["log_probs"], dtype=torch.bool)
+    expected, _ = compute_policy_loss("gmpo", **inputs, action_mask=full, clip_eps_low=0.4, clip_eps_high=0.4)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_policy_loss_with_another_tuple_is_refused(monkeypatch):
+    # An OpenRLHF build whose PolicyLoss has 0.11.2's signature but returns 4 values (as 0.11.0 did): the install
+    # check calls it and refuses, before any training step.
+    from openrlhf.models import PolicyLoss
+
+    forward = PolicyLoss.forward
+
+    @functools.wraps(forward)  # the signature check sees 0.11.2's parameters
+    def four_values(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)[:4]
+
+    plan = helpers_plugin.dry_run("--preset", os.path.join(helpers_plugin.ROOT, "configs", "qwen2.5-math-7b_gmpo.yaml"))
+    trainer = helpers_plugin.trainer_for(plan.args)
+    monkeypatch.setattr(PolicyLoss, "forward", four_values)
+    with pytest.raises(RuntimeError, match="returns 4 values; the adapter handles"):
+        loss_adapter.install_policy_loss(trainer)
