@@ -39,33 +39,35 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+
+
+def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> dict:
+    """Build megatron's optimizer (bf16 weights), take two GMPO steps on `rows` of policy_batch, save, take a third;
+    resume a fresh model from the save and take the third again; then save and resume once more. Returns what the
+    caller asserts: the resumed weights' and third step's differences from the uninterrupted run, the Adam step
+    counters, and the dtypes and optimizer classes that were built."""
     from openrlhf_gmpo.megatron import training_state
-    from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
     from openrlhf_gmpo.megatron.train import PolicyMicroBatch
 
-    hm.init_gloo(rank, world_size, port)
-    helpers_cpu_shims.emulate_cuda_tensors()
-    sizes = ParallelSizes(world_size, ep=2)
-    initialize_parallel_state(sizes)
+    rank = torch.distributed.get_rank()
     hf = hm.tiny_hf_moe()
-    batch = hm.policy_batch()
+    batch = {key: value.to(device) for key, value in hm.policy_batch().items()}
     keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
-    micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in (2 * rank, 2 * rank + 1)]
+    micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in rows]
 
     model, ddp, optimizer, schedule = _build(hf, sizes)
-    names = [type(part).__name__ for part in optimizer.chained_optimizers]
-    assert names == ["DistributedOptimizer", "DistributedOptimizer"], names  # dense and expert parameters
-    # Norms included: megatron's local spec builds them in fp32 whatever params_dtype says (model._norms_to).
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-
+    built = {
+        "optimizers": [type(part).__name__ for part in optimizer.chained_optimizers],
+        "dtypes": {p.dtype for p in model.parameters()},
+    }
     for _ in range(2):
         _step(ddp, optimizer, schedule, micro_batches, sizes.dp)
-    saved, resaved = f"{out_dir}/saved", f"{out_dir}/resaved"
-    for path in (saved, resaved):
-        torch.distributed.barrier()
-        if rank == 0:
-            os.makedirs(path)
+    saved, resaved = os.path.join(out_dir, "saved"), os.path.join(out_dir, "resaved")
+    if rank == 0:
+        os.makedirs(saved)
+        os.makedirs(resaved)
     torch.distributed.barrier()
     training_state.save(saved, model, optimizer, schedule, {"episode": 2})
     before_third = _weights(model)
@@ -73,25 +75,38 @@ def resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     uninterrupted = _weights(model)
 
     model, ddp, optimizer, schedule = _build(hf, sizes)
-    assert training_state.load(saved, model, optimizer, schedule) == {"episode": 2}
-    resumed_weights = _weights(model)
-    for name, weight in before_third.items():
-        assert torch.equal(resumed_weights[name], weight), name
+    client_states = training_state.load(saved, model, optimizer, schedule)
+    loaded = _weights(model)
     resumed = _step(ddp, optimizer, schedule, micro_batches, sizes.dp)
-    assert resumed["grad_norm"] == third["grad_norm"]
     after = _weights(model)
-    for name, weight in uninterrupted.items():
-        assert torch.equal(after[name], weight), name
-    assert any(not torch.equal(after[n], before_third[n]) for n in after)  # the third step moved the weights
     steps = [state["step"] for state in training_state.adam_states(optimizer)]
-    assert {float(step) for step in steps} == {3.0}, sorted({float(step) for step in steps})
-    assert len({id(step) for step in steps}) == len(steps)  # one counter per parameter
 
-    # A second resume: the dense and expert optimizers' counters agree, which megatron asserts when it loads them.
+    # A second resume: the dense and expert optimizers' counters must agree, which megatron asserts when it loads.
     training_state.save(resaved, model, optimizer, schedule, {"episode": 3})
     model, ddp, optimizer, schedule = _build(hf, sizes)
-    assert training_state.load(resaved, model, optimizer, schedule) == {"episode": 3}
+    second_client_states = training_state.load(resaved, model, optimizer, schedule)
     torch.distributed.barrier()
-    with open(f"{out_dir}/rank{rank}.ok", "w") as f:
-        f.write("ok")
+    return {
+        **built,
+        "client_states": (client_states, second_client_states),
+        "loaded_difference": _max_difference(loaded, before_third),
+        "third_step_difference": _max_difference(after, uninterrupted),
+        "third_step_moved": _max_difference(after, before_third),
+        "grad_norms": (third["grad_norm"], resumed["grad_norm"]),
+        "step_counters": sorted({float(step) for step in steps}),
+        "step_counters_distinct": len({id(step) for step in steps}) == len(steps),
+        "step_counters_on_host": all(step.device.type == "cpu" for step in steps),
+    }
+
+
+def resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """2 gloo ranks at EP=2 on CPU, with CUDA tensors emulated so that megatron's GPU optimizer path runs."""
+    from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
+
+    hm.init_gloo(rank, world_size, port)
+    helpers_cpu_shims.emulate_cuda_tensors()
+    sizes = ParallelSizes(world_size, ep=2)
+    initialize_parallel_state(sizes)
+    result = resume_check(sizes, [2 * rank, 2 * rank + 1], out_dir)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
