@@ -61,6 +61,7 @@ def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> d
     built = {
         "optimizers": [type(part).__name__ for part in optimizer.chained_optimizers],
         "dtypes": {p.dtype for p in model.parameters()},
+        "weight_decays": sorted({(group["wd_mult"], group["weight_decay"]) for group in optimizer.param_groups}),
     }
     for _ in range(2):
         _step(ddp, optimizer, schedule, micro_batches, sizes.dp)

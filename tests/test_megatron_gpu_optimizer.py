@@ -26,6 +26,8 @@ def test_megatron_optimizer_resumes_a_checkpoint_exactly(tmp_path):
         assert result["optimizers"] == ["DistributedOptimizer", "DistributedOptimizer"]  # dense and expert
         # Norms included: megatron's local spec builds them in fp32 whatever params_dtype says (model._norms_to).
         assert result["dtypes"] == {torch.bfloat16}
+        # megatron's groups: matrices decay (wd_mult 1), biases and norms not (0); build_optimizer applies the 0.1
+        assert result["weight_decays"] == [(0.0, 0.0), (1.0, 0.1)]
         assert result["client_states"] == ({"episode": 2}, {"episode": 3})
         # Bit for bit: the loaded weights, and the third step taken after the resume (optimizer state restored).
         assert result["loaded_difference"] == 0.0 and result["third_step_difference"] == 0.0
