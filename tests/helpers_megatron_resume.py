@@ -45,7 +45,8 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> dict:
     """Build megatron's optimizer (bf16 weights), take two GMPO steps on `rows` of policy_batch, save, take a third;
-    resume a fresh model from the save and take the third again; then save and resume once more. Returns what the
+    resume a fresh model from the save, offload and reload it, and take the third again; then save and resume once
+    more. Returns what the
     caller asserts: the resumed weights' and third step's differences from the uninterrupted run, the Adam step
     counters, and the dtypes and optimizer classes that were built."""
     from openrlhf_gmpo.megatron import training_state
@@ -78,6 +79,9 @@ def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> d
     model, ddp, optimizer, schedule = _build(hf, sizes)
     client_states = training_state.load(saved, model, optimizer, schedule)
     loaded = _weights(model)
+    # The actor's sleep mode around the step, as under --ds.enable_sleep: gradient buffers freed, then restored.
+    training_state.offload(ddp, optimizer)
+    training_state.reload(ddp, optimizer)
     resumed = _step(ddp, optimizer, schedule, micro_batches, sizes.dp)
     after = _weights(model)
     steps = [state["step"] for state in training_state.adam_states(optimizer)]

@@ -5,9 +5,10 @@ Transformer Engine or Apex, as on the GPU box), which the CPU suite otherwise ne
 Here the workers emulate CUDA tensors (`helpers_cpu_shims.emulate_cuda_tensors`) and report CUDA as available while
 the DDP wrapper and the optimizer are built, so the package takes its GPU branches with megatron's real optimizer.
 
-Three steps, a save after the second, a fresh model resumed from it: the resumed third step equals the
-uninterrupted one bit for bit, each Adam step counter reads 3, and saving and resuming again works. megatron-core
-0.19.2's own `load_parameter_state` fails this three ways (training_state._load_parameter_state says which).
+Three steps, a save after the second, a fresh model resumed from it and put through the actor's offload and
+reload (sleep mode): the resumed third step equals the uninterrupted one bit for bit, each Adam step counter reads
+3, and saving and resuming again works. megatron-core 0.19.2's own `load_parameter_state` fails this three ways
+(training_state._load_parameter_state and model._norms_to say which).
 """
 
 import helpers_megatron as hm
@@ -33,6 +34,7 @@ def test_megatron_optimizer_resumes_a_checkpoint_exactly(tmp_path):
         assert result["loaded_difference"] == 0.0 and result["third_step_difference"] == 0.0
         assert result["grad_norms"][0] == result["grad_norms"][1]
         assert result["third_step_moved"] > 0
-        # Three steps, one counter per parameter (a shared one would read 3 x the parameter count), on the host.
-        assert result["step_counters"] == [3.0]
-        assert result["step_counters_distinct"] and result["step_counters_on_host"]
+        # Three steps, one counter per parameter. (A shared counter reads 2 + its optimizer's parameter count after
+        # the resumed step, and the second load then asserts that the dense and expert optimizers' steps differ.)
+        # Where the counters live is checked on CUDA only (test_megatron_gpu.py): here every tensor is on the host.
+        assert result["step_counters"] == [3.0] and result["step_counters_distinct"]

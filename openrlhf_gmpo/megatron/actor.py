@@ -269,23 +269,11 @@ class MegatronPolicyActor(BaseModelActor):
         )
 
     def offload_states(self) -> None:
-        """Free GPU memory for colocated vLLM engines (--ds.enable_sleep): the optimizer states (fp32 master weights
-        and Adam moments) go to CPU and the gradient buffers are freed. The bf16 weights stay, as with OpenRLHF's
-        DeepSpeed offload: the trainer reloads only around `fit`, and calls `forward` (old-policy log-probs) and
-        `broadcast_to_vllm` while offloaded."""
-        self.optimizer.offload_to_cpu()
-        for buffer in self.model.buffers + self.model.expert_parallel_buffers:
-            buffer.offload_to_cpu(move_params=False, move_grads=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Free GPU memory for colocated vLLM engines (--ds.enable_sleep); see training_state.offload."""
+        training_state.offload(self.model, self.optimizer)
 
     def reload_states(self) -> None:
-        for buffer in self.model.buffers + self.model.expert_parallel_buffers:
-            buffer.reload_from_cpu(move_params=False, move_grads=True)
-        self.optimizer.restore_from_cpu()
-        training_state.keep_adam_steps_on_host(self.optimizer)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        training_state.reload(self.model, self.optimizer)
 
     def save_model(self) -> None:
         self._save_hf(self.args.ckpt.output_dir)

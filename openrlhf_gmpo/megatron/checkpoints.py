@@ -23,6 +23,11 @@ def is_best(tag: str) -> bool:
     return tag.startswith("best")
 
 
+def rank_state_file(path: str, rank: int) -> str:
+    """One file per rank in a tag folder: its model shard, optimizer state dict, schedule and client states."""
+    return os.path.join(path, f"rank{rank:05d}.pt")
+
+
 def parameter_state_file(path: str, rank: int) -> str:
     """One file per rank: the first rank of each data-parallel group writes its group's optimizer shard, and with
     expert parallelism there are several such groups (each EP rank's experts), so one shared name would be written
