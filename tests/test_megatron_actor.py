@@ -7,7 +7,7 @@ forward through `execute_batch` -> `append` -> `fit` (one GMPO step with routing
 taken by a plain HF model in this process. With `--ds.enable_sleep`, as OpenRLHF does: the actors start offloaded,
 `forward` and the saves run offloaded, and each `fit` sits between `reload_states` and `offload_states`.
 
-`broadcast_to_vllm`'s sending side is tested in test_megatron_vllm_sync.py (vLLM itself cannot run here).
+`broadcast_to_vllm` needs vLLM and NCCL: its skip reason below says what is tested instead.
 """
 
 import copy
@@ -237,6 +237,15 @@ def test_offload_frees_the_gradient_buffers_and_reload_restores_them(actor_run):
         assert storage["after_init"][rank] == [0, 0] and storage["after_fit"][rank] == [0, 0]
     # The step taken between reload and offload is the HF reference step (test_fit_is_one_gmpo_step...), and the
     # resumed run's steps equal the uninterrupted run's (test_checkpoint_resume...): the restored buffers work.
+
+
+@pytest.mark.skip(
+    reason="needs vLLM engines and the NCCL group they join with rank 0 (init_broadcast_group), i.e. GPUs and vLLM; "
+    "the weights it sends (vllm_sync.sync_weights) are tested on CPU with recording engines in "
+    "test_megatron_vllm_sync.py"
+)
+def test_broadcast_to_vllm():
+    """The actor's broadcast_to_vllm end to end: what cannot run here, said in the skip reason (issue 6)."""
 
 
 def test_model_path_may_be_a_local_directory_or_a_hub_id(tmp_path, monkeypatch):
