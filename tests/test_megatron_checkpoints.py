@@ -65,3 +65,45 @@ def test_unreadable_metric_counts_as_none(tmp_path):
     assert checkpoints.read_metric(str(path)) is None
     checkpoints.write_metric(str(path), None, None)
     assert checkpoints.read_metric(str(path)) is None
+
+
+def test_equal_metrics_evict_the_oldest_first(tmp_path):
+    # same metric 0.5 on all: the oldest (step1, age 30) goes first with max_num 3 (new + 2 kept).
+    for step, age in ((1, 30), (2, 20), (3, 10)):
+        _tag(tmp_path, f"global_step{step}", metric=0.5, age=age)
+    _tag(tmp_path, "global_step4")
+    assert _doomed(tmp_path, "global_step4") == ["global_step1"]
+
+
+def test_a_tag_exactly_at_the_memory_limit_is_kept(tmp_path):
+    # two older tags of 2 MB = 4 MB, limit exactly 4 MB (4/1024 GB): total <= limit, nothing goes.
+    _tag(tmp_path, "global_step1", megabytes=2, age=20)
+    _tag(tmp_path, "global_step2", megabytes=2, age=10)
+    _tag(tmp_path, "global_step3", megabytes=2)
+    assert _doomed(tmp_path, "global_step3", max_mem_gb=4 / 1024) == []
+
+
+def test_memory_limit_is_in_gibibytes(tmp_path):
+    # --ckpt.max_mem is in GiB, as OpenRLHF counts it: 0.004 x 2**30 = 4,294,967 bytes hold one older tag of
+    # 4,200,000 bytes (the oldest goes). In decimal GB (4,000,000 bytes) neither would fit and both would go.
+    _tag(tmp_path, "global_step1", megabytes=4_200_000 / MB, age=20)
+    _tag(tmp_path, "global_step2", megabytes=4_200_000 / MB, age=10)
+    _tag(tmp_path, "global_step3", megabytes=1)
+    assert _doomed(tmp_path, "global_step3", max_mem_gb=0.004) == ["global_step1"]
+
+
+def test_non_finite_metric_counts_as_none(tmp_path):
+    path = _tag(tmp_path, "global_step1")
+    (path / checkpoints.METRIC_FILE).write_text('{"metric_value": NaN}')  # Python's json reads NaN
+    assert checkpoints.read_metric(str(path)) is None
+    (path / checkpoints.METRIC_FILE).write_text("[0.5]")  # a list: .get -> AttributeError
+    assert checkpoints.read_metric(str(path)) is None
+
+
+def test_a_nan_metric_tag_is_evicted_before_a_tag_with_a_real_metric(tmp_path):
+    _tag(tmp_path, "global_step1", metric=0.1, age=30)
+    nan_tag = _tag(tmp_path, "global_step2", age=20)
+    (nan_tag / checkpoints.METRIC_FILE).write_text('{"metric_value": NaN}')
+    _tag(tmp_path, "global_step3")
+    # max_num 2: one of the two older goes; the NaN one counts as no metric, so it goes first.
+    assert _doomed(tmp_path, "global_step3", max_num=2) == ["global_step2"]
