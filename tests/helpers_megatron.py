@@ -136,6 +136,14 @@ def policy_batch(seed: int = 1):
 UPDATE = dict(loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, lr=1e-3, clip_grad=0.1)
 
 
+def one_row_micro_batches(batch: dict, rows) -> list:
+    """policy_batch's `rows` as PolicyMicroBatches of one sequence each."""
+    from openrlhf_gmpo.megatron.train import PolicyMicroBatch
+
+    keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
+    return [PolicyMicroBatch(*(batch[key][row : row + 1] for key in keys)) for row in rows]
+
+
 def valid_prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L-1]: the target token and its previous token are real (a first token after padding has no context)."""
     return attention_mask[:, 1:] & attention_mask[:, :-1]
@@ -206,13 +214,7 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None)
     forward; no other rank holds that expert, so only a check across ranks stops the others from stepping."""
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
-    from openrlhf_gmpo.megatron.train import (
-        OptimizerOptions,
-        PolicyMicroBatch,
-        build_optimizer,
-        policy_update,
-        wrap_ddp,
-    )
+    from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
 
     initialize_parallel_state(sizes)
@@ -223,9 +225,7 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None)
     if rank == nan_grad_on_rank:  # a tensor hook runs before DDP copies the gradient into its buffer
         expert = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
         expert.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-    half = range(2 * rank, 2 * rank + 2)
-    keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
-    micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in half]
+    micro_batches = one_row_micro_batches(batch, range(2 * rank, 2 * rank + 2))
     metrics = policy_update(
         ddp, optimizer, micro_batches, loss_name=UPDATE["loss_name"], clip_eps_low=UPDATE["clip_eps_low"],
         clip_eps_high=UPDATE["clip_eps_high"], global_batch_size=4, dp_size=sizes.dp,

@@ -46,17 +46,14 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> dict:
     """Build megatron's optimizer (bf16 weights), take two GMPO steps on `rows` of policy_batch, save, take a third;
     resume a fresh model from the save, offload and reload it, and take the third again; then save and resume once
-    more. Returns what the
-    caller asserts: the resumed weights' and third step's differences from the uninterrupted run, the Adam step
-    counters, and the dtypes and optimizer classes that were built."""
+    more. Returns what the caller asserts: the resumed weights' and third step's differences from the uninterrupted
+    run, the Adam step counters, and the dtypes and optimizer classes that were built."""
     from openrlhf_gmpo.megatron import training_state
-    from openrlhf_gmpo.megatron.train import PolicyMicroBatch
 
     rank = torch.distributed.get_rank()
     hf = hm.tiny_hf_moe()
     batch = {key: value.to(device) for key, value in hm.policy_batch().items()}
-    keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
-    micro_batches = [PolicyMicroBatch(*(batch[k][i : i + 1] for k in keys)) for i in rows]
+    micro_batches = hm.one_row_micro_batches(batch, rows)
 
     model, ddp, optimizer, schedule = _build(hf, sizes)
     built = {

@@ -13,6 +13,10 @@ SCRIPTS = sorted(
 )
 # The CountDown engineer's SFT script is not a preset launcher.
 PRESET_SCRIPTS = [path for path in SCRIPTS if not path.endswith("countdown_200m_sft.sh")]
+# One advantage per sequence, as our losses need: the launcher refuses OpenRLHF's defaults (gae, KL in the reward).
+SEQUENCE_ADVANTAGES = (
+    "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0",
+)  # fmt: skip
 
 
 def dry_run(*argv: str):

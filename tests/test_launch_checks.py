@@ -13,7 +13,7 @@ import pytest
 
 OURS = (
     "--actor.model_name_or_path", "m", "--reward.remote_url", "r.py", "--actor.policy_loss_type", "gmpo",
-    "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0",
+    *helpers_plugin.SEQUENCE_ADVANTAGES,
 )  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_input_template_with_a_lone_brace_is_refused():
 def test_reinforce_with_gamma_above_one_is_refused():
     # gamma 1.5 != 1 discounts (here: inflates) returns per token: refused like gamma 0.99 (kills `!= 1` -> `< 1`).
     with pytest.raises(SystemExit, match=re.escape("--algo.advantage.gamma 1.5: with reinforce")):
-        helpers_plugin.dry_run(*OURS[:7], "reinforce", *OURS[8:], "--algo.advantage.gamma", "1.5")
+        helpers_plugin.dry_run(*OURS, "--algo.advantage.estimator", "reinforce", "--algo.advantage.gamma", "1.5")
 
 
 def test_eps_clip_written_with_equals_still_overrides_the_presets_clip_pair():

@@ -1,6 +1,7 @@
 """Pure parts of the megatron backend: parallel-size validation, config translation, weight-layout transforms."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -222,3 +223,29 @@ def test_routing_replay_refuses_a_batch_that_does_not_match_the_recording():
         join_per_sequence(recorded, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="sequence 0: 3 recorded tokens, the mask has 2"):
         join_per_sequence(recorded, torch.tensor([[0, 1, 1]], dtype=torch.bool))
+
+
+def test_parallel_size_must_be_an_int():
+    with pytest.raises(ValueError, match=re.escape("tp=2.0 must be a positive integer")):
+        validate_parallel_sizes(ParallelSizes(8, tp=2.0), **QWEN3_30B_A3B)
+
+
+def test_expert_tp_needs_a_moe_model():
+    with pytest.raises(ValueError, match=re.escape("ep=1 and etp=2 need a MoE model")):
+        validate_parallel_sizes(ParallelSizes(8, etp=2), **{**QWEN3_30B_A3B, "num_experts": None})
+
+
+def test_dense_ffn_size_is_checked_against_tp():
+    from transformers import Qwen3Config
+
+    from openrlhf_gmpo.megatron.parallel import sizes_for_hf_config
+
+    # heads 4 and KV heads 2 split over tp=2; a dense FFN of 7 does not
+    config = Qwen3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                         intermediate_size=7, hidden_size=16)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("FFN size 7 is not divisible by tp=2")):
+        sizes_for_hf_config(config, ParallelSizes(2, tp=2))
+
+
+def test_edp_counts_expert_tp():
+    assert ParallelSizes(16, ep=4, etp=2).edp == 2  # 16 / (2*4*1)

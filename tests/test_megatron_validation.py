@@ -1,5 +1,5 @@
-"""The megatron backend's launch checks (`validate_megatron_args`, `validate_parallel_sizes`) and its sample batching
-(`samples.py`), at their edges (checkpoint retention: test_megatron_checkpoints.py).
+"""The megatron backend's launch checks (`validate_megatron_args`) and its sample batching (`samples.py`), at their
+edges (parallel sizes: test_megatron_parallel.py; checkpoint retention: test_megatron_checkpoints.py).
 
 Each case was a change to the code that the rest of the suite let through (a mutation-testing pass in the seventh
 session, docs/architecture.md): a validation or bookkeeping rule could have been dropped or loosened unnoticed.
@@ -87,45 +87,6 @@ def test_megatron_unreadable_model_config_is_left_to_the_actor(tmp_path):
     # A folder whose config.json is not a model config: AutoConfig raises ValueError; the launcher skips the check.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     _validate(actor__model_name_or_path=str(tmp_path))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# megatron/parallel.validate_parallel_sizes
-
-QWEN3 = dict(num_layers=48, num_attention_heads=32, num_kv_heads=4, vocab_size=151936, num_experts=128,
-             moe_ffn_hidden_size=768)  # fmt: skip
-
-
-def test_parallel_size_must_be_an_int():
-    from openrlhf_gmpo.megatron.parallel import ParallelSizes, validate_parallel_sizes
-
-    with pytest.raises(ValueError, match=re.escape("tp=2.0 must be a positive integer")):
-        validate_parallel_sizes(ParallelSizes(8, tp=2.0), **QWEN3)
-
-
-def test_expert_tp_needs_a_moe_model():
-    from openrlhf_gmpo.megatron.parallel import ParallelSizes, validate_parallel_sizes
-
-    with pytest.raises(ValueError, match=re.escape("ep=1 and etp=2 need a MoE model")):
-        validate_parallel_sizes(ParallelSizes(8, etp=2), **{**QWEN3, "num_experts": None})
-
-
-def test_dense_ffn_size_is_checked_against_tp():
-    from transformers import Qwen3Config
-
-    from openrlhf_gmpo.megatron.parallel import ParallelSizes, sizes_for_hf_config
-
-    # heads 4 and KV heads 2 split over tp=2; a dense FFN of 7 does not
-    config = Qwen3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                         intermediate_size=7, hidden_size=16)  # fmt: skip
-    with pytest.raises(ValueError, match=re.escape("FFN size 7 is not divisible by tp=2")):
-        sizes_for_hf_config(config, ParallelSizes(2, tp=2))
-
-
-def test_edp_counts_expert_tp():
-    from openrlhf_gmpo.megatron.parallel import ParallelSizes
-
-    assert ParallelSizes(16, ep=4, etp=2).edp == 2  # 16 / (2*4*1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

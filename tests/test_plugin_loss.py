@@ -130,7 +130,7 @@ def test_policy_actor_class_per_loss_and_backend():
 
     gmpo = helpers_plugin.dry_run(
         "--actor.policy_loss_type", "gmpo", "--actor.model_name_or_path", "m", "--reward.remote_url", "r.py",
-        "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0",
+        *helpers_plugin.SEQUENCE_ADVANTAGES,
     )  # fmt: skip
     ppo = helpers_plugin.dry_run("--actor.model_name_or_path", "m", "--reward.remote_url", "r.py")
     assert policy_actor_class(gmpo.args, "deepspeed") is GMPOPolicyModelActor
@@ -160,7 +160,7 @@ def test_loss_is_built_from_openrlhf_args_low_high_and_the_upper_threshold(level
     # is the upper threshold (5.0, not 0.5), set only when the correction is on.
     args = helpers_plugin.dry_run(
         "--actor.policy_loss_type", "gmpo", "--actor.eps_clip_low_high", "0.2", "0.3",
-        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0", "--rollout.n_samples_per_prompt", "4",
+        *helpers_plugin.SEQUENCE_ADVANTAGES,
         "--algo.advantage.is_correction_level", level, "--algo.advantage.is_correction_threshold", "0.5", "5.0",
     ).args  # fmt: skip
     adapter = loss_adapter.OpenRLHFPolicyLoss.from_args(args)
@@ -185,7 +185,7 @@ def test_installed_gspo_ours_reports_sample_weighted_clip_fractions():
     # fractions it adds count sequences. Here the wrapped step is OpenRLHF's status dict, as training_step returns it.
     args = helpers_plugin.dry_run(
         "--actor.policy_loss_type", "gspo_ours", "--actor.eps_clip_low_high", "3e-4", "4e-4",
-        "--algo.advantage.estimator", "group_norm", "--algo.kl.init_coef", "0", "--rollout.n_samples_per_prompt", "4",
+        *helpers_plugin.SEQUENCE_ADVANTAGES,
     ).args  # fmt: skip
     trainer = helpers_plugin.trainer_for(args)
     trainer.training_step = lambda: {"metrics": {"policy_loss": torch.tensor(0.5)}, "weights": {}}

@@ -134,8 +134,8 @@ def test_abbreviated_flags_are_resolved_like_argparse_does():
     assert plan.tokens[flag + 1] == "grpo"
     # ...also as the very first token of a command without a preset.
     plan = helpers_plugin.dry_run(
-        "--actor.model_name", "m", "--reward.remote_url", "r.py", "--algo.advantage.estimator", "group_norm",
-        "--rollout.n_samples_per_prompt", "2", "--algo.kl.init_coef", "0", "--actor.policy_loss_type", "gmpo",
+        "--actor.model_name", "m", "--reward.remote_url", "r.py", *helpers_plugin.SEQUENCE_ADVANTAGES,
+        "--actor.policy_loss_type", "gmpo",
     )  # fmt: skip
     assert plan.args.actor.model_name_or_path == "m" and plan.tokens[:2] == ["--actor.model_name", "m"]
 
