@@ -15,9 +15,8 @@ def local_ray():
     runtime_env."""
     import ray
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    pythonpath = os.pathsep.join([STUB_SITE, os.path.dirname(tests), tests])
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    env = {"PYTHONPATH": helpers_stubs.ray_worker_pythonpath()}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 

@@ -9,6 +9,7 @@ accidentally relies on vLLM or the CUDA kernels fails loudly instead of passing 
 """
 
 import importlib.util
+import os
 import sys
 import types
 
@@ -64,3 +65,10 @@ def is_really_installed(name: str) -> bool:
     if module is not None:
         return vars(module).get("IS_IMPORT_STUB") is not True
     return importlib.util.find_spec(name) is not None
+
+
+def ray_worker_pythonpath() -> str:
+    """PYTHONPATH for Ray workers started by a test: the same import stubs (stub_site/sitecustomize.py), and the
+    package and the test helpers importable, as a real job gets them from its runtime_env."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    return os.pathsep.join([os.path.join(tests, "stub_site"), os.path.dirname(tests), tests])

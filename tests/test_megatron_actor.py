@@ -15,13 +15,13 @@ import os
 
 import helpers_megatron as hm
 import helpers_plugin
+import helpers_stubs
 import pytest
 import ray
 import torch
 from transformers import Qwen3MoeForCausalLM
 
 LR, MAX_NORM = 1e-3, 0.1
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _start_actors(actor_class, args, pretrain):
@@ -60,9 +60,7 @@ def actor_run(tmp_path_factory):
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"),
         "--ds.enable_sleep",
     ).args  # fmt: skip
-    # Workers get the vllm/flash-attn import stubs (stub_site) and can import the package and the test helpers.
-    pythonpath = os.pathsep.join([os.path.join(TESTS, "stub_site"), os.path.dirname(TESTS), TESTS])
-    env = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": helpers_stubs.ray_worker_pythonpath(), "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         # What the launcher does for --backend megatron, without the GPU this machine lacks.

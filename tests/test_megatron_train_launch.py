@@ -12,14 +12,14 @@ append, fit, save, are driven directly in test_megatron_actor.py.)
 
 import os
 
+import helpers_stubs
 import pytest
 import ray
 import torch
 
 from openrlhf_gmpo import cli, train_ppo_ray
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def fake_gpu_ray():
     """Ray with 2 advertised GPUs (OpenRLHF's placement groups ask for them) and 4 logical CPUs: 2 for the actor
     bundles, 1 for the PPOTrainer actor, 1 spare."""
     env = {
-        "PYTHONPATH": os.pathsep.join([os.path.join(TESTS, "stub_site"), ROOT, TESTS]),
+        "PYTHONPATH": helpers_stubs.ray_worker_pythonpath(),
         "GMPO_TEST_MEGATRON_CPU_SHIMS": "1",
         "OMP_NUM_THREADS": "1",
     }
