@@ -1,9 +1,10 @@
-"""Test-only shims that let megatron-core run on CPU with gloo process groups.
+"""Test-only shims that let megatron-core, and OpenRLHF's DeepSpeed policy actor, run on CPU with gloo.
 
 megatron-core assumes CUDA in a few places that do not matter for the maths (device lookups, side streams, a
 device-to-host copy of the all-to-all split sizes). `install_cpu_shims()` replaces exactly those, as listed in
-/work/shared/FACTS.md; package code never calls it. Its own module so that a Ray worker can install the shims at
-start-up (stub_site/sitecustomize.py) without importing the rest of the test helpers.
+/work/shared/FACTS.md; package code never calls it. `install_deepspeed_cpu_shims()` does the same for the CUDA
+device calls OpenRLHF's policy actor makes by name (DeepSpeed itself has a CPU accelerator). Its own module so that
+a Ray worker can install the shims at start-up (stub_site/sitecustomize.py) without importing the other helpers.
 """
 
 from __future__ import annotations
@@ -75,9 +76,7 @@ def emulate_cuda_tensors() -> None:
     -> True only around building the DDP wrapper and the optimizer, so that the package takes its GPU branches."""
 
     def on_host(device):
-        if isinstance(device, int) or (isinstance(device, str | torch.device) and str(device).startswith("cuda")):
-            return torch.device("cpu")
-        return device
+        return torch.device("cpu") if _is_cuda(device) else device
 
     for name in ("tensor", "zeros", "empty", "ones", "full", "arange", "zeros_like", "empty_like", "ones_like"):
         factory = getattr(torch, name)
@@ -110,3 +109,39 @@ def cuda_reported_available():
         yield
     finally:
         torch.cuda.is_available = available
+
+
+def install_deepspeed_cpu_shims() -> None:
+    """Let OpenRLHF's DeepSpeed policy actor run on CPU (DeepSpeed picks its CPU accelerator and gloo by itself):
+    the CUDA device calls OpenRLHF makes by name become no-ops or the host, and its "cuda" device mesh a CPU one.
+    Must run before `openrlhf` is imported (stub_site/sitecustomize.py), which binds `init_device_mesh` by name."""
+    import torch.distributed.device_mesh as device_mesh
+
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.current_device = lambda: 0  # an index, as OpenRLHF formats it into "cuda:{index}"
+    host_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        # Tensors sent to a CUDA device (an index, "cuda:0" or torch.device) stay on the host.
+        if args and _is_cuda(args[0]):
+            args = ("cpu", *args[1:])
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return host_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.device = lambda *a, **k: contextlib.nullcontext()  # flash-attn's Triton kernels select the device
+    cuda_mesh = device_mesh.init_device_mesh
+
+    def init_device_mesh(device_type, *args, **kwargs):
+        return cuda_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    device_mesh.init_device_mesh = init_device_mesh
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    return isinstance(device, int) or (isinstance(device, str | torch.device) and str(device).startswith("cuda"))

@@ -356,7 +356,7 @@ class _Gradients:
         return ((name, param.main_grad) for name, param in self.model.named_parameters())
 
 
-def experience(batch, rows, old_log_probs):
+def experience(batch, rows, old_log_probs, rollout_log_probs=None):
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     advantages = batch["advantages"][rows, None] * batch["action_mask"][rows]  # OpenRLHF's are per token
@@ -366,13 +366,14 @@ def experience(batch, rows, old_log_probs):
         action_mask=batch["action_mask"][rows],
         action_log_probs=old_log_probs,
         advantages=advantages,
+        rollout_log_probs=rollout_log_probs,
         info={"reward": batch["advantages"][rows].clone()},
     )
 
 
-def experience_for_rank(rank: int, old_log_probs: torch.Tensor):
+def experience_for_rank(rank: int, old_log_probs: torch.Tensor, rollout_log_probs=None):
     """OpenRLHF's chunk for data-parallel rank `rank` of `policy_batch()`, as one Experience (2 sequences)."""
-    return experience(policy_batch(), [2 * rank, 2 * rank + 1], old_log_probs)
+    return experience(policy_batch(), [2 * rank, 2 * rank + 1], old_log_probs, rollout_log_probs)
 
 
 def forward_chunk(rank: int) -> dict:

@@ -43,6 +43,8 @@ def _stub_module(name: str) -> types.ModuleType:
     module.__path__ = []  # a package, so submodule imports resolve to our other stubs
     module.__getattr__ = lambda attr: _Unavailable(f"{name}.{attr}")
     module.IS_IMPORT_STUB = True
+    # OpenRLHF's policy actor compares vllm.__version__ before touching vLLM: a valid version that says "stub".
+    module.__version__ = "0+import.stub"
     return module
 
 

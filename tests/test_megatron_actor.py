@@ -13,6 +13,7 @@ taken by a plain HF model in this process. With `--ds.enable_sleep`, as OpenRLHF
 import copy
 import os
 
+import helpers_actors as ha
 import helpers_megatron as hm
 import helpers_plugin
 import helpers_stubs
@@ -22,24 +23,6 @@ import torch
 from transformers import Qwen3MoeForCausalLM
 
 LR, MAX_NORM = 1e-3, 0.1
-
-
-def _start_actors(actor_class, args, pretrain):
-    """Two actors as RayActorGroup creates them: rank 0 first, the others join at its address."""
-    from openrlhf.utils.utils import get_strategy
-
-    master = actor_class.remote(2, 0, None, None)
-    address, port = ray.get(master.get_master_addr_port.remote())
-    actors = [master, actor_class.remote(2, 1, address, port)]
-    ray.get([a.__ray_call__.remote(hm.prepare_ray_worker) for a in actors])
-    strategy = get_strategy(args)
-    ray.get([a.init_model_from_pretrained.remote(strategy, pretrain, max_steps=1) for a in actors], timeout=300)
-    return actors
-
-
-def _forward(actors):
-    refs = [a.execute_batch.remote("forward", hm.forward_chunk(rank), 0, 1) for rank, a in enumerate(actors)]
-    return [result[0] for result in ray.get(refs, timeout=120)]
 
 
 @pytest.fixture(scope="module")
@@ -65,43 +48,38 @@ def actor_run(tmp_path_factory):
     try:
         # What the launcher does for --backend megatron, without the GPU this machine lacks.
         actor_class = ray.remote(num_gpus=0, num_cpus=1)(MegatronPolicyActor)
-        actors = _start_actors(actor_class, args, pretrain)
+        actors = ha.start_two_actors(actor_class, args, pretrain, hm.prepare_ray_worker)
         grad_storage = {"after_init": _grad_storage(actors)}
         ray.get([a.reload_states.remote() for a in actors])
         grad_storage["reloaded"] = _grad_storage(actors)
         ray.get([a.offload_states.remote() for a in actors])
-        old = _forward(actors)
+        old = ha.forward(actors)
         uneven = _uneven_forward(actors)
-        status = _step(actors, old)
+        status = ha.step(actors, old)
         grad_storage["after_fit"] = _grad_storage(actors)
-        new = _forward(actors)
+        new = ha.forward(actors)
         ray.get([a.save_model.remote() for a in actors], timeout=120)
         ray.get([a.save_checkpoint.remote("global_step1", client_states={"episode": 2}) for a in actors])
         ray.get([a.save_checkpoint.remote("global_step2", client_states={"episode": 3}) for a in actors])
         ray.get([a.empty_cache.remote() for a in actors])
-        _step(actors, new)  # a second step, uninterrupted: Adam's moments from the first one matter here
-        second = _forward(actors)
+        ha.step(actors, new)  # a second step, uninterrupted: Adam's moments from the first one matter here
+        second = ha.forward(actors)
         for actor in actors:
             ray.kill(actor)
 
         resume_args = copy.deepcopy(args)
         resume_args.ckpt.load_enable = True
-        resumed = _start_actors(actor_class, resume_args, pretrain)
-        results = dict(old=old, uneven=uneven, status=status, new=new, second=second, resumed=_forward(resumed))
+        resumed = ha.start_two_actors(actor_class, resume_args, pretrain, hm.prepare_ray_worker)
+        results = dict(old=old, uneven=uneven, status=status, new=new, second=second, resumed=ha.forward(resumed))
         results["grad_storage"] = grad_storage
         results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])
-        _step(resumed, results["resumed"])  # the same second step after the resume
-        results["resumed_second"] = _forward(resumed)
+        ha.step(resumed, results["resumed"])  # the same second step after the resume
+        results["resumed_second"] = ha.forward(resumed)
         results["partial_status"] = _partial_step(resumed, results["resumed_second"])
-        results["after_partial"] = _forward(resumed)
+        results["after_partial"] = ha.forward(resumed)
     finally:
         ray.shutdown()
     return results, tmp
-
-
-def _step(actors, old):
-    ray.get([a.append.remote(hm.experience_for_rank(rank, old[rank])) for rank, a in enumerate(actors)])
-    return _sleeping_fit(actors)
 
 
 def _partial_step(actors, old):
@@ -110,15 +88,7 @@ def _partial_step(actors, old):
     batch = hm.policy_batch()
     refs = [a.append.remote(hm.experience(batch, [2 * rank], old[rank][:1])) for rank, a in enumerate(actors)]
     ray.get(refs)
-    return _sleeping_fit(actors)
-
-
-def _sleeping_fit(actors):
-    """OpenRLHF's PPO step under --ds.enable_sleep: reload, fit, offload."""
-    ray.get([a.reload_states.remote() for a in actors])
-    status = ray.get([a.fit.remote(kl_ctl=0) for a in actors], timeout=120)
-    ray.get([a.offload_states.remote() for a in actors])
-    return status
+    return ha.sleeping_fit(actors)
 
 
 def _grad_storage(actors) -> list[list[int]]:
