@@ -140,6 +140,19 @@ def install_deepspeed_cpu_shims() -> None:
 
     device_mesh.init_device_mesh = init_device_mesh
 
+    # gloo runs each async collective on a thread of its own, unordered; DeepSpeed 0.19.6's ZeRO-3 waits only for the
+    # last of a batch of parameter all-gathers, so on gloo it can read a gathered parameter before it arrives (NaN
+    # log-probs in ~1 of 5 runs here; DeepSpeed PR #8539). On CUDA one stream orders them: wait for each at launch.
+    gather = torch.distributed.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        work = gather(output_tensor, input_tensor, group=group, async_op=async_op)
+        if async_op:
+            work.wait()
+        return work
+
+    torch.distributed.all_gather_into_tensor = all_gather_into_tensor
+
 
 def _is_cuda(device) -> bool:
     if isinstance(device, bool):

@@ -1,13 +1,15 @@
 """OpenRLHF's DeepSpeed policy actor with our loss installed, trained for two steps on a local Ray cluster.
 
-`GMPOPolicyModelActor` (what the launcher starts for the DeepSpeed backend) in 2 CPU actors: ZeRO-2 over gloo on
-DeepSpeed's CPU accelerator, bf16 weights with fp32 master weights, `--ds.enable_sleep` as the presets set it, the
-tiny Qwen3-MoE checkpoint. Past the actor's Ray wrapper everything is OpenRLHF's and DeepSpeed's own:
-`init_model_from_pretrained` (its `Actor`, tokenizer, DeepSpeed engine and fused Adam, `ActorPPOTrainer`, then our
-`install_policy_loss`), `execute_batch("forward")`, `append`, `fit` -> `ppo_train` -> `training_step`. flash-attn's
-Triton cross-entropy, which OpenRLHF's Actor runs on fp32 logits, runs in Triton's interpreter (TRITON_INTERPRET=1).
-The CUDA device calls OpenRLHF makes by name are the only thing shimmed (`install_deepspeed_cpu_shims`, installed in
-the workers by stub_site/sitecustomize.py). DeepSpeed compiles two CPU ops on first use (~50 s; cached after).
+`GMPOPolicyModelActor` (what the launcher starts for the DeepSpeed backend) in 2 CPU actors: ZeRO-2, and ZeRO-3
+as the Qwen3-30B-A3B preset sets it, over gloo on DeepSpeed's CPU accelerator; bf16 weights with fp32 master
+weights, `--ds.enable_sleep` as the presets set it, the tiny Qwen3-MoE checkpoint. Past the actor's Ray wrapper
+everything is OpenRLHF's and DeepSpeed's own: `init_model_from_pretrained` (its `Actor`, tokenizer, DeepSpeed engine
+and fused Adam, `ActorPPOTrainer`, then our `install_policy_loss`), `execute_batch("forward")`, `append`, `fit` ->
+`ppo_train` -> `training_step`. flash-attn's Triton cross-entropy, which OpenRLHF's Actor runs on fp32 logits, runs
+in Triton's interpreter (TRITON_INTERPRET=1). Only the CUDA device calls OpenRLHF makes by name are shimmed, and, for
+ZeRO-3, gloo's unordered async all-gathers (`install_deepspeed_cpu_shims`, installed in the workers by
+stub_site/sitecustomize.py).
+DeepSpeed compiles two CPU ops on first use (~50 s; cached after).
 
 Step 1 starts at the rollout policy (every ratio 1); step 2 reuses step 1's old log-probs, so its ratios move away
 from 1 and the small clip (0.02) clips some tokens: the metrics OpenRLHF logs then have something to show. The
@@ -33,8 +35,8 @@ TOKEN_METRICS += ("approx_kl",)
 SEQUENCE_METRICS = ("seq_ratio_min", "seq_ratio_max", "seq_clip_frac", "rollout_is_weight_mean")
 
 
-@pytest.fixture(scope="module")
-def deepspeed_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def deepspeed_run(request, tmp_path_factory):
     from openrlhf_gmpo.openrlhf_plugin.actor import GMPOPolicyModelActor
 
     tmp = tmp_path_factory.mktemp("deepspeed_actor")
@@ -46,6 +48,7 @@ def deepspeed_run(tmp_path_factory):
         *helpers_plugin.SEQUENCE_ADVANTAGES, "--rollout.batch_size", "2", "--train.batch_size", "4",
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
         "--actor.max_norm", str(MAX_NORM), "--ds.attn_implementation", "sdpa", "--ds.enable_sleep",
+        "--ds.zero_stage", str(request.param),
         "--algo.advantage.is_correction_level", "seq", "--algo.advantage.is_correction_threshold", str(IS_CAP),
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.output_dir", str(tmp / "hf_out"),
     ).args  # fmt: skip
