@@ -1,14 +1,14 @@
 """OpenRLHF's DeepSpeed policy actor with our loss installed, trained for two steps on a local Ray cluster.
 
-`GMPOPolicyModelActor` (what the launcher starts for the DeepSpeed backend) in 2 CPU actors: ZeRO-2, and ZeRO-3
-as the Qwen3-30B-A3B preset sets it, over gloo on DeepSpeed's CPU accelerator; bf16 weights with fp32 master
-weights, `--ds.enable_sleep` as the presets set it, the tiny Qwen3-MoE checkpoint. Past the actor's Ray wrapper
-everything is OpenRLHF's and DeepSpeed's own: `init_model_from_pretrained` (its `Actor`, tokenizer, DeepSpeed engine
-and fused Adam, `ActorPPOTrainer`, then our `install_policy_loss`), `execute_batch("forward")`, `append`, `fit` ->
-`ppo_train` -> `training_step`. flash-attn's Triton cross-entropy, which OpenRLHF's Actor runs on fp32 logits, runs
-in Triton's interpreter (TRITON_INTERPRET=1). Only the CUDA device calls OpenRLHF makes by name are shimmed, and, for
-ZeRO-3, gloo's unordered async all-gathers (`install_deepspeed_cpu_shims`, installed in the workers by
-stub_site/sitecustomize.py).
+`GMPOPolicyModelActor` (what the launcher starts for the DeepSpeed backend) in 2 CPU actors, three runs (`RUNS`):
+GMPO under ZeRO-2 and under ZeRO-3 (the Qwen3-30B-A3B preset's stage), our GSPO under ZeRO-2; over gloo on
+DeepSpeed's CPU accelerator; bf16 weights with fp32 master weights, `--ds.enable_sleep` as the presets set it, the
+tiny Qwen3-MoE checkpoint. Past the actor's Ray wrapper everything is OpenRLHF's and DeepSpeed's own:
+`init_model_from_pretrained` (its `Actor`, tokenizer, DeepSpeed engine and fused Adam, `ActorPPOTrainer`, then our
+`install_policy_loss`), `execute_batch("forward")`, `append`, `fit` -> `ppo_train` -> `training_step`. flash-attn's
+Triton cross-entropy, which OpenRLHF's Actor runs on fp32 logits, runs in Triton's interpreter (TRITON_INTERPRET=1).
+Only the CUDA device calls OpenRLHF makes by name are shimmed, and, for ZeRO-3, gloo's unordered async all-gathers
+(`install_deepspeed_cpu_shims`, installed in the workers by stub_site/sitecustomize.py).
 DeepSpeed compiles two CPU ops on first use (~50 s; cached after).
 
 Step 1 starts at the rollout policy (every ratio 1); step 2 reuses step 1's old log-probs, so its ratios move away
@@ -28,27 +28,41 @@ import pytest
 import ray
 import torch
 
-LR, MAX_NORM, CLIP, IS_CAP = 1e-3, 0.1, 0.02, 1.01
+from openrlhf_gmpo.losses.registry import clip_level
+from openrlhf_gmpo.openrlhf_plugin.loss_adapter import CLI_TO_REGISTRY
+
+LR, MAX_NORM, IS_CAP = 1e-3, 0.1, 1.01
+# (loss, ZeRO stage, clip): GMPO's log-space clip small enough to act in step 2; our GSPO clips whole sequences,
+# whose ratios move less (the paper's GSPO clips are ~3e-4), and OpenRLHF weights its clip fractions by sequences.
+RUNS = {"gmpo-zero2": ("gmpo", 2, 0.02), "gmpo-zero3": ("gmpo", 3, 0.02), "gspo_ours-zero2": ("gspo_ours", 2, 2e-4)}
 ROLLOUT_SHIFT = torch.tensor([0.0, 0.005, 0.02, 0.05])  # mean(logp_old - logp_rollout) of each sequence in step 2
-TOKEN_METRICS = ("token_ratio_min", "token_ratio_max", "token_ratio_mean", "clip_frac_low", "clip_frac_high")
-TOKEN_METRICS += ("approx_kl",)
+TOKEN_METRICS = (
+    "token_ratio_min",
+    "token_ratio_max",
+    "token_ratio_mean",
+    "clip_frac_low",
+    "clip_frac_high",
+    "approx_kl",
+)
 SEQUENCE_METRICS = ("seq_ratio_min", "seq_ratio_max", "seq_clip_frac", "rollout_is_weight_mean")
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=sorted(RUNS))
 def deepspeed_run(request, tmp_path_factory):
     from openrlhf_gmpo.openrlhf_plugin.actor import GMPOPolicyModelActor
+
+    loss, zero_stage, clip = RUNS[request.param]
 
     tmp = tmp_path_factory.mktemp("deepspeed_actor")
     pretrain = str(tmp / "pretrain")
     hm.tiny_hf_moe().save_pretrained(pretrain)
     args = helpers_plugin.dry_run(
         "--actor.model_name_or_path", pretrain, "--actor.num_gpus_per_node", "2",
-        "--actor.policy_loss_type", "gmpo", "--actor.eps_clip_low_high", str(CLIP), str(CLIP),
+        "--actor.policy_loss_type", loss, "--actor.eps_clip_low_high", str(clip), str(clip),
         *helpers_plugin.SEQUENCE_ADVANTAGES, "--rollout.batch_size", "2", "--train.batch_size", "4",
         "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
         "--actor.max_norm", str(MAX_NORM), "--ds.attn_implementation", "sdpa", "--ds.enable_sleep",
-        "--ds.zero_stage", str(request.param),
+        "--ds.zero_stage", str(zero_stage),
         "--algo.advantage.is_correction_level", "seq", "--algo.advantage.is_correction_threshold", str(IS_CAP),
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.output_dir", str(tmp / "hf_out"),
     ).args  # fmt: skip
@@ -70,6 +84,7 @@ def deepspeed_run(request, tmp_path_factory):
         new = ha.forward(actors)
         second = ha.step(actors, old, rollout=_rollout(old))  # the same old-policy log-probs: ratios away from 1
         results = dict(start=start, old=old, first=first, after_first=after_first, new=new, second=second)
+        results |= dict(loss=CLI_TO_REGISTRY[loss], clip=clip)
     finally:
         ray.shutdown()
     return results
@@ -81,9 +96,9 @@ def _rollout(old):
     return [chunk - shift[:, None] * mask for (chunk, mask), shift in zip(_chunks(torch.cat(old)), shifts, strict=True)]
 
 
-def _bf16_reference():
-    """The tiny model as OpenRLHF loads it (bf16 weights), in fp32, and its GMPO gradient over the whole batch at the
-    rollout policy (global mean over the 4 sequences, as on one rank), clipped to MAX_NORM; and the norm before."""
+def _bf16_reference(run):
+    """The tiny model as OpenRLHF loads it (bf16 weights), in fp32, and the run's loss gradient over the whole batch at
+    the rollout policy (global mean over the 4 sequences, as on one rank), clipped to MAX_NORM; and the norm before."""
     from openrlhf_gmpo.losses import compute_policy_loss
 
     model = hm.tiny_hf_moe()
@@ -93,8 +108,8 @@ def _bf16_reference():
     batch = hm.policy_batch()
     log_probs = hm.hf_action_log_probs(model, batch)
     loss, _ = compute_policy_loss(
-        "gmpo", log_probs, log_probs.detach(), batch["advantages"], batch["action_mask"],
-        clip_eps_low=CLIP, clip_eps_high=CLIP, global_batch_size=4, dp_size=1,
+        run["loss"], log_probs, log_probs.detach(), batch["advantages"], batch["action_mask"],
+        clip_eps_low=run["clip"], clip_eps_high=run["clip"], global_batch_size=4, dp_size=1,
     )  # fmt: skip
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item()
@@ -108,7 +123,7 @@ def _chunks(tensor):
 
 
 def test_forward_is_the_bf16_models_log_probs(deepspeed_run):
-    _, reference, _ = _bf16_reference()
+    _, reference, _ = _bf16_reference(deepspeed_run)
     for rank, (expected, mask) in enumerate(_chunks(reference)):
         actor = deepspeed_run["old"][rank]
         assert actor.shape == (2, 6)
@@ -131,7 +146,7 @@ def test_first_step_reports_our_loss_at_ratio_one(deepspeed_run):
 
 
 def test_first_step_is_adams_first_step_on_the_global_gmpo_gradient(deepspeed_run):
-    model, _, grad_norm = _bf16_reference()
+    model, _, grad_norm = _bf16_reference(deepspeed_run)
     for status in deepspeed_run["first"]:
         # bf16 forward and backward against fp32: the norm of the same global-mean gradient, before clipping
         assert status["actor_grad_norm"] == pytest.approx(grad_norm, rel=2e-2)
@@ -160,22 +175,27 @@ def test_first_step_is_adams_first_step_on_the_global_gmpo_gradient(deepspeed_ru
 def test_second_step_logs_our_loss_and_metrics_over_micro_batches_and_ranks(deepspeed_run):
     from openrlhf_gmpo.losses import compute_policy_loss
 
-    batch = hm.policy_batch()
-    new, old = torch.cat(deepspeed_run["new"]), torch.cat(deepspeed_run["old"])
-    rollout = torch.cat(_rollout(deepspeed_run["old"]))
-    # OpenRLHF averages each micro-batch's (one sequence's) value, weighted by its tokens or as one sample
+    run, batch = deepspeed_run, hm.policy_batch()
+    new, old = torch.cat(run["new"]), torch.cat(run["old"])
+    rollout = torch.cat(_rollout(run["old"]))
+    # OpenRLHF averages each micro-batch's (one sequence's) value, weighted by its tokens or as one sample; a loss
+    # that clips whole sequences reports sequence clip fractions, weighted as samples
     tokens = batch["action_mask"].sum(-1).float()
+    sequence_clip = clip_level(run["loss"]) == "sequence"
+    by_sample = SEQUENCE_METRICS + (("clip_frac_low", "clip_frac_high") if sequence_clip else ())
     losses, per_sequence = [], []
     for i in range(4):
         loss, metrics = compute_policy_loss(
-            "gmpo", new[i : i + 1], old[i : i + 1], batch["advantages"][i : i + 1], batch["action_mask"][i : i + 1],
-            clip_eps_low=CLIP, clip_eps_high=CLIP, global_batch_size=2, dp_size=2,
-            rollout_log_probs=rollout[i : i + 1], rollout_is_cap=IS_CAP,
+            run["loss"], new[[i]], old[[i]], batch["advantages"][[i]], batch["action_mask"][[i]],
+            clip_eps_low=run["clip"], clip_eps_high=run["clip"], global_batch_size=2, dp_size=2,
+            rollout_log_probs=rollout[[i]], rollout_is_cap=IS_CAP,
         )  # fmt: skip
         losses.append(loss)
         per_sequence.append(metrics)
-    expected = {k: sum(tokens[i] * per_sequence[i][k] for i in range(4)) / tokens.sum() for k in TOKEN_METRICS}
-    expected |= {k: sum(per_sequence[i][k] for i in range(4)) / 4 for k in SEQUENCE_METRICS}
+    expected = {}
+    for key in TOKEN_METRICS + SEQUENCE_METRICS:
+        weight = torch.ones(4) if key in by_sample else tokens
+        expected[key] = sum(weight[i] * per_sequence[i][key] for i in range(4)) / weight.sum()
     expected_loss = sum(tokens[i] * losses[i] for i in range(4)) / tokens.sum()
     for status in deepspeed_run["second"]:
         # The training forward's log-probs are the forward pass's (the same bf16 model): measured differences of
