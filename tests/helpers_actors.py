@@ -6,7 +6,26 @@ other rank joining at its address, as `RayActorGroup` does), the same data chunk
 """
 
 import helpers_megatron as hm
+import helpers_stubs
 import ray
+
+# What each backend's Ray workers need on CPU (stub_site/sitecustomize.py installs it at start-up): megatron-core's
+# CUDA shims; or the CUDA device calls of OpenRLHF's DeepSpeed actor, with flash-attn's Triton cross-entropy run by
+# Triton's interpreter.
+_BACKEND_ENV = {
+    "megatron": {"GMPO_TEST_MEGATRON_CPU_SHIMS": "1"},
+    "deepspeed": {"GMPO_TEST_DEEPSPEED_CPU_SHIMS": "1", "TRITON_INTERPRET": "1"},
+}
+
+
+def cpu_worker_env(backend: str, hide_gpus: bool = True) -> dict[str, str]:
+    """env_vars for a Ray cluster whose workers run `backend`'s policy actors on CPU: the import stubs, package and
+    test helpers on PYTHONPATH, one thread each, the backend's shims, and (`hide_gpus`) no GPU visible even on a GPU
+    machine. A cluster that advertises fake GPUs cannot hide them: Ray maps its GPU ids through CUDA_VISIBLE_DEVICES."""
+    env = {"PYTHONPATH": helpers_stubs.ray_worker_pythonpath(), "OMP_NUM_THREADS": "1"}
+    if hide_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env | _BACKEND_ENV[backend]
 
 
 def start_two_actors(actor_class, args, pretrain, prepare=None):

@@ -16,7 +16,6 @@ import os
 import helpers_actors as ha
 import helpers_megatron as hm
 import helpers_plugin
-import helpers_stubs
 import pytest
 import ray
 import torch
@@ -43,7 +42,7 @@ def actor_run(tmp_path_factory):
         "--ckpt.path", str(tmp / "ckpt"), "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"),
         "--ds.enable_sleep",
     ).args  # fmt: skip
-    env = {"PYTHONPATH": helpers_stubs.ray_worker_pythonpath(), "OMP_NUM_THREADS": "1"}
+    env = ha.cpu_worker_env("megatron")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         # What the launcher does for --backend megatron, without the GPU this machine lacks.

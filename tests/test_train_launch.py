@@ -4,16 +4,16 @@
 a local Ray cluster that advertises 2 GPUs (the machine has none: the actors run on CPU, with the backend's CPU shims
 installed at worker start-up by stub_site/sitecustomize.py). Everything on the way is OpenRLHF's or ours, unfaked:
 its parser and validation, `train()`, `RayActorGroup` placing our policy actor (`MegatronPolicyActor` at EP=2, or
-`GMPOPolicyModelActor` with DeepSpeed ZeRO) on a placement group of GPU bundles, `PPOTrainer` loading the tokenizer
-and the CountDown prompts, `get_max_steps`, our actors' init through `async_init_model_from_pretrained`, and
-`fit()`. The first rollout needs vLLM, which cannot run here: the run must stop exactly there, at the vLLM import
-stub, and nowhere earlier. (The steps after a rollout, forward, append, fit, save, are driven directly in
-test_megatron_actor.py and test_plugin_deepspeed_actor.py.)
+`GMPOPolicyModelActor` with DeepSpeed ZeRO; the test checks which class Ray ran) on a placement group of GPU
+bundles, `PPOTrainer` loading the tokenizer and the CountDown prompts, `get_max_steps`, our actors' init through
+`async_init_model_from_pretrained`, and `fit()`. The first rollout needs vLLM, which cannot run here: the run must
+stop exactly there, at the vLLM import stub, and nowhere earlier. (The steps after a rollout, forward, append, fit,
+save, are driven directly in test_megatron_actor.py and test_plugin_deepspeed_actor.py.)
 """
 
 import os
 
-import helpers_stubs
+import helpers_actors
 import pytest
 import ray
 import torch
@@ -28,19 +28,16 @@ BACKEND_FLAGS = {
     # OpenRLHF's Actor with torch's attention (flash-attn has no CPU kernels), ZeRO from the preset
     "deepspeed": ["--backend", "deepspeed", "--ds.attn_implementation", "sdpa"],
 }
-# What each backend's workers need on CPU (stub_site/sitecustomize.py): megatron-core's CUDA shims, or the CUDA
-# device calls of OpenRLHF's DeepSpeed actor and flash-attn's Triton cross-entropy in Triton's interpreter.
-WORKER_ENV = {
-    "megatron": {"GMPO_TEST_MEGATRON_CPU_SHIMS": "1"},
-    "deepspeed": {"GMPO_TEST_DEEPSPEED_CPU_SHIMS": "1", "TRITON_INTERPRET": "1"},
-}
+# The policy actor class each backend must launch: ours, whose init installs the loss (OpenRLHF's own
+# PolicyModelActor would reach the first rollout too).
+POLICY_ACTOR_CLASS = {"megatron": "MegatronPolicyActor", "deepspeed": "_GMPOPolicyModelActor"}
 
 
 @pytest.fixture(params=sorted(BACKEND_FLAGS))
 def fake_gpu_ray(request):
     """Ray with 2 advertised GPUs (OpenRLHF's placement groups ask for them) and 4 logical CPUs: 2 for the actor
     bundles, 1 for the PPOTrainer actor, 1 spare. Yields the backend its workers are set up for."""
-    env = {"PYTHONPATH": helpers_stubs.ray_worker_pythonpath(), "OMP_NUM_THREADS": "1", **WORKER_ENV[request.param]}
+    env = helpers_actors.cpu_worker_env(request.param, hide_gpus=False)  # skipped on GPU machines instead
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     yield request.param
     ray.shutdown()
@@ -72,8 +69,10 @@ def test_countdown_preset_runs_until_the_first_rollout(tmp_path, monkeypatch, fa
             ]
         )  # fmt: skip
     # The trainer got as far as building the first rollout's vLLM sampling parameters: everything before it (actor
-    # group placement, our actors' init with EP=2, the trainer's datasets and max_steps) ran. A failure anywhere
+    # group placement, our actors' init, the trainer's datasets and max_steps) ran. A failure anywhere
     # earlier raises a different error.
     message = str(failure.value)
     assert "vllm.SamplingParams is an import stub" in message, message
     assert "PPOTrainer.fit" in message and "generate_samples" in message, message
+    launched = {info["ActorClassName"] for info in ray._private.state.actors().values()}
+    assert POLICY_ACTOR_CLASS[fake_gpu_ray] in launched and "PolicyModelActor" not in launched, launched
