@@ -41,8 +41,9 @@ def compute_policy_loss(
         global_batch_size: number of sequences in the whole optimizer step over all DP ranks (a number or 0-d
             tensor, as OpenRLHF's get_loss_batch_info returns). When given, loss = sum_i loss_i / global_batch_size *
             dp_size (OpenRLHF's aggregate_loss convention), so summing gradients over micro-batches and averaging them
-            over DP ranks equals the gradient of the unsplit batch. Without it: mean of loss_i over sequences with
-            at least one valid token.
+            over DP ranks equals the gradient of the unsplit batch. (OpenRLHF 0.11.2 divides this count by the
+            gradient-accumulation steps before passing it, to offset DeepSpeed's 1/gas scaling of each micro-batch's
+            loss; pass it through as given.) Without it: mean of loss_i over sequences with at least one valid token.
         dp_size: data-parallel world size, >= 1.
         rollout_is_cap: truncation threshold of the rollout importance weight, > 0.
 
