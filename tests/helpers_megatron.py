@@ -381,10 +381,3 @@ def forward_chunk(rank: int) -> dict:
     batch = policy_batch()
     rows = [2 * rank, 2 * rank + 1]
     return {k: [batch[k][rows]] for k in ("sequences", "action_mask", "attention_mask")}
-
-
-def prepare_ray_worker(actor) -> int:
-    """Run in a Ray actor process (via `__ray_call__`) before it touches megatron: CPU shims, one thread."""
-    torch.set_num_threads(1)
-    install_cpu_shims()
-    return os.getpid()
