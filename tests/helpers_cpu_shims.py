@@ -69,11 +69,13 @@ def install_cpu_shims() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
-def emulate_cuda_tensors() -> None:
-    """Let megatron's GPU-only optimizer path (DistributedOptimizer over DDP's buffers) run on CPU, in a spawned
-    worker only: tensors asked for on "cuda" are made on the CPU, `Tensor.cuda()` returns the tensor itself, and
-    `Tensor.type()` names the CUDA type, which megatron checks parameters against. Call `torch.cuda.is_available`
-    -> True only around building the DDP wrapper and the optimizer, so that the package takes its GPU branches."""
+def host_cuda_tensors() -> None:
+    """Tensors asked for on "cuda" are made on the CPU, and `Tensor.cuda()` returns the tensor itself. For a worker
+    process only (it is not undone): megatron's pipeline schedule makes its token counter on "cuda" by name, and a
+    tied embedding's last-stage copy calls `.cuda()` before the all-reduce that initialises it (pp > 1)."""
+    if getattr(torch, "_gmpo_host_cuda_tensors", False):
+        return
+    torch._gmpo_host_cuda_tensors = True
 
     def on_host(device):
         return torch.device("cpu") if _is_cuda(device) else device
@@ -88,6 +90,15 @@ def emulate_cuda_tensors() -> None:
 
         setattr(torch, name, made_on_host)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def emulate_cuda_tensors() -> None:
+    """Let megatron's GPU-only optimizer path (DistributedOptimizer over DDP's buffers) run on CPU, in a spawned
+    worker only: tensors asked for on "cuda" are made on the CPU, `Tensor.cuda()` returns the tensor itself, and
+    `Tensor.type()` names the CUDA type, which megatron checks parameters against. Call `torch.cuda.is_available`
+    -> True only around building the DDP wrapper and the optimizer, so that the package takes its GPU branches."""
+
+    host_cuda_tensors()
     torch.cuda.empty_cache = lambda: None
     host_type = torch.Tensor.type
 

@@ -12,6 +12,7 @@ import os
 import socket
 
 import torch
+from helpers_cpu_shims import cuda_reported_available, host_cuda_tensors
 from helpers_cpu_shims import install_cpu_shims  # noqa: F401  (tests and benches call hm.install_cpu_shims)
 
 TINY_MOE = dict(
@@ -67,6 +68,7 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     install_cpu_shims()
+    host_cuda_tensors()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
@@ -158,11 +160,15 @@ def padded_both_sides(batch: dict) -> dict:
 
 
 def _log_prob_error(model, hf, batch) -> float:
+    from openrlhf_gmpo.megatron import pipeline
     from openrlhf_gmpo.megatron.logprobs import token_log_probs
 
     ids, mask = batch["sequences"], batch["attention_mask"]
     with torch.no_grad():
-        log_probs = token_log_probs(model, ids, mask)
+        if pipeline.is_pipelined():
+            log_probs = pipeline.pipeline_log_probs(model, [(ids, mask)])[0]
+        else:
+            log_probs = token_log_probs(model, ids, mask)
     return (log_probs - hf_token_log_probs(hf, ids, mask))[valid_prediction_mask(mask)].abs().max().item()
 
 
@@ -190,7 +196,7 @@ def _eval_layout(hf, sizes, batch):
 
 
 def _export_only(hf, sizes):
-    """Load and export without a forward (training and log-probs run one pipeline stage; the mapping does not)."""
+    """Load and export without a forward: what each pipeline stage holds, and that every stage yields every tensor."""
     from openrlhf_gmpo.megatron.model import build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
@@ -208,10 +214,14 @@ def _export_only(hf, sizes):
     }
 
 
-def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None):
-    """One policy update, each rank on its half of the batch in micro-batches of 1; returns the HF-named weights.
+def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None, gpu_optimizer=False):
+    """One policy update, each data-parallel replica on its share of the batch in micro-batches of 1; returns the
+    metrics, the HF-named weights and gradients. `gpu_optimizer`: megatron's DDP buffers and distributed optimizer,
+    as on GPUs (the worker must emulate CUDA tensors, helpers_cpu_shims.emulate_cuda_tensors).
     `nan_grad_on_rank`: the gradient of that rank's first local expert turns NaN, as after an overflow in its
     forward; no other rank holds that expert, so only a check across ranks stops the others from stepping."""
+    from megatron.core import parallel_state
+
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
@@ -220,16 +230,20 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None)
     initialize_parallel_state(sizes)
     model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=routing_replay))
     load_hf_weights(model, hf.state_dict(), hf.config)
-    ddp = wrap_ddp(model)
-    optimizer = build_optimizer(ddp, OptimizerOptions(lr=UPDATE["lr"], clip_grad=UPDATE["clip_grad"]))
+    with cuda_reported_available() if gpu_optimizer else contextlib.nullcontext():
+        ddp = wrap_ddp(model)
+        optimizer = build_optimizer(ddp, OptimizerOptions(lr=UPDATE["lr"], clip_grad=UPDATE["clip_grad"]))
     if rank == nan_grad_on_rank:  # a tensor hook runs before DDP copies the gradient into its buffer
         expert = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
         expert.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-    micro_batches = one_row_micro_batches(batch, range(2 * rank, 2 * rank + 2))
+    rows = len(batch["sequences"]) // sizes.dp
+    dp_rank = parallel_state.get_data_parallel_rank()
+    micro_batches = one_row_micro_batches(batch, range(rows * dp_rank, rows * (dp_rank + 1)))
     metrics = policy_update(
         ddp, optimizer, micro_batches, loss_name=UPDATE["loss_name"], clip_eps_low=UPDATE["clip_eps_low"],
         clip_eps_high=UPDATE["clip_eps_high"], global_batch_size=4, dp_size=sizes.dp,
     )  # fmt: skip
+    metrics["optimizer"] = type(optimizer).__name__
     weights = {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
     return metrics, weights, {n: t.clone() for n, t in iter_hf_weights(_Gradients(model), hf.config)}
 

@@ -2,6 +2,7 @@
 
 Modules: `parallel` (sizes and process groups), `model` (GPTModel from a HF config), `weights` (HF <-> megatron
 mapping and streaming export), `logprobs` (vocab-parallel per-token log-probs), `train` (micro-batched policy update),
+`pipeline` (the same passes through pipeline stages),
 `actor` (the Ray policy actor), `args` (the `--megatron.*` flags), `stability_engine` (`StabilityEngine`, the
 stability harness's `--engine megatron`). See docs/megatron.md.
 """

@@ -13,7 +13,10 @@ What OpenRLHF's PPO trainer calls, and what each does here:
   `offload_states()` / `reload_states()` (for `--ds.enable_sleep`: what they free is GPU memory).
 
 Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecutive actors, which
-`validate_megatron_args` makes equal to megatron's TP size, so a chunk lands on exactly one data-parallel replica.
+`validate_megatron_args` makes equal to megatron's TP size, so each TP group gets one chunk. With pipeline stages
+(pp > 1), the stages of one data-parallel replica are not consecutive ranks (megatron orders pipeline ranks last), so
+they get different chunks: every stage then works on its replica's chunks pooled (`pipeline.gather_over_pipeline`),
+and `forward` returns each rank the rows of its own chunk.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ import shutil
 import torch
 from openrlhf.trainer.ray.launcher import BaseModelActor
 
-from openrlhf_gmpo.megatron import checkpoints, routing_replay, training_state, vllm_sync
+from openrlhf_gmpo.megatron import checkpoints, pipeline, routing_replay, training_state, vllm_sync
 from openrlhf_gmpo.megatron.hf_checkpoint import SafetensorsCheckpoint, local_checkpoint_dir, save_hf_checkpoint
 from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model, is_moe_config
-from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state, sizes_for_hf_config
+from openrlhf_gmpo.megatron.parallel import (
+    ParallelSizes,
+    check_openrlhf_chunking,
+    initialize_parallel_state,
+    sizes_for_hf_config,
+)
 from openrlhf_gmpo.megatron.samples import left_pad_collate, sequence_key
 from openrlhf_gmpo.megatron.train import (
     LRSchedule,
@@ -59,8 +67,10 @@ class MegatronPolicyActor(BaseModelActor):
         world = torch.distributed.get_world_size()
         self.sizes = sizes_for_hf_config(self.hf_config, ParallelSizes(world, tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp))
         initialize_parallel_state(self.sizes, seed=args.train.seed)
-        _check_data_chunking(self.sizes)
+        check_openrlhf_chunking(self.sizes)
         self.routing_replay = bool(m.routing_replay) and is_moe_config(self.hf_config)
+        if self.routing_replay and self.sizes.pp > 1:
+            raise ValueError(f"--megatron.routing_replay with --megatron.pp {self.sizes.pp}: replay needs pp 1")
         model = build_gpt_model(
             self.hf_config,
             self.sizes,
@@ -107,6 +117,8 @@ class MegatronPolicyActor(BaseModelActor):
         """Old-policy log-probs of the response tokens, (b, A) on CPU."""
         if packed_seq_lens is not None or mm_train_inputs_list:
             raise ValueError("the megatron backend takes padded text batches (no --ds.packing_samples, no images)")
+        if self.sizes.pp > 1:
+            return self._pipeline_log_probs(sequences, attention_mask.bool(), action_mask.shape[1])
         sequences, attention_mask = sequences.to(self.device), attention_mask.to(self.device).bool()
         recorded = []
         self.model.eval()
@@ -141,10 +153,22 @@ class MegatronPolicyActor(BaseModelActor):
 
     def _padding_forward(self) -> None:
         token = torch.full((1, 2), self.tokenizer.eos_token_id or 0, dtype=torch.long, device=self.device)
+        mask = torch.ones_like(token, dtype=torch.bool)
+        if self.sizes.pp > 1:
+            self._pipeline_log_probs(token, mask, 1)
+            return
         self.model.eval()
         with torch.no_grad():
-            self._log_probs(token, torch.ones_like(token, dtype=torch.bool), 1)
+            self._log_probs(token, mask, 1)
         self.model.train()
+
+    def _pipeline_log_probs(self, sequences, attention_mask, num_actions):
+        self.model.eval()
+        log_probs = pipeline.pooled_log_probs(
+            self.model, sequences, attention_mask, device=self.device, temperature=self.args.rollout.temperature
+        )
+        self.model.train()
+        return log_probs[:, -num_actions:]
 
     def _log_probs(self, sequences, attention_mask, num_actions):
         temperature = self.args.rollout.temperature
@@ -154,6 +178,12 @@ class MegatronPolicyActor(BaseModelActor):
         self.experiences.append(experience)
 
     def _samples(self) -> list[dict]:
+        """This replica's samples: the buffer, pooled over pipeline stages (the same list on each stage)."""
+        if self.sizes.pp == 1:
+            return self._buffered_samples()
+        return [s for chunk in pipeline.gather_over_pipeline(self._buffered_samples()) for s in chunk]
+
+    def _buffered_samples(self) -> list[dict]:
         """This rank's buffer as per-sample dicts (OpenRLHF's advantages are per token; old = action_log_probs)."""
         samples = []
         for exp in self.experiences:
@@ -356,18 +386,6 @@ def _init_torch_distributed() -> torch.device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return device
-
-
-def _check_data_chunking(sizes: ParallelSizes) -> None:
-    """OpenRLHF gives actor r chunk r // tp; that must be megatron's data-parallel rank."""
-    from megatron.core import parallel_state as ps
-
-    rank = torch.distributed.get_rank()
-    if ps.get_data_parallel_rank() != rank // sizes.tp:
-        raise ValueError(
-            f"rank {rank}: megatron data-parallel rank {ps.get_data_parallel_rank()} != rank // tp = "
-            f"{rank // sizes.tp}; OpenRLHF's data chunks would reach the wrong replica"
-        )
 
 
 def _mean_over_steps(history: list[dict]) -> dict:

@@ -13,7 +13,7 @@ from openrlhf_gmpo.megatron.parallel import ParallelSizes
 def add_megatron_arguments(parser) -> None:
     group = parser.add_argument_group("megatron backend (--backend megatron)")
     group.add_argument("--megatron.tp", type=int, default=1, help="tensor parallel size (attention, dense MLP, vocab)")
-    group.add_argument("--megatron.pp", type=int, default=1, help="pipeline parallel size (evaluation only for now)")
+    group.add_argument("--megatron.pp", type=int, default=1, help="pipeline stages (layers split over ranks)")
     group.add_argument("--megatron.ep", type=int, default=1, help="expert parallel size: experts split over ranks")
     group.add_argument("--megatron.etp", type=int, default=1, help="tensor parallel size inside each expert")
     group.add_argument(
@@ -68,8 +68,6 @@ def validate_megatron_args(args) -> None:
             f"--megatron.tp {m.tp} pp {m.pp} ep {m.ep} etp {m.etp}: the actor group's {world} GPUs are not divisible "
             f"by tp*pp = {m.tp * m.pp} and etp*ep*pp = {m.etp * m.ep * m.pp}"
         )
-    if m.pp != 1:
-        raise SystemExit(f"--megatron.pp {m.pp}: the megatron policy update runs one pipeline stage; use pp 1")
     _check_model(args.actor.model_name_or_path, sizes)
     if m.tp > 1:
         from openrlhf_gmpo.megatron.model import has_transformer_engine
@@ -81,6 +79,11 @@ def validate_megatron_args(args) -> None:
             )
     if m.aux_loss_coef < 0:
         raise SystemExit(f"--megatron.aux_loss_coef {m.aux_loss_coef} must be >= 0")
+    if m.routing_replay and m.pp > 1:
+        raise SystemExit(
+            f"--megatron.routing_replay with --megatron.pp {m.pp}: replay runs one pipeline stage (the pipeline "
+            "schedule interleaves micro-batches, each of which would need its own recorded routing); use pp 1"
+        )
     if m.routing_replay and m.tp > 1:
         raise SystemExit(
             f"--megatron.routing_replay with --megatron.tp {m.tp}: replay needs tp 1 (TP training uses "

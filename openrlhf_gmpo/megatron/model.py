@@ -93,6 +93,8 @@ def transformer_config_kwargs(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
+        # Micro-batches differ in length: pipeline stages send each other the shape before the activations.
+        variable_seq_lengths=sizes.pp > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # every weight is overwritten from the HF checkpoint
     )

@@ -116,6 +116,22 @@ def initialize_parallel_state(sizes: ParallelSizes, seed: int = 1234) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
 
 
+def check_openrlhf_chunking(sizes: ParallelSizes) -> None:
+    """OpenRLHF gives actor r chunk r // tp: the TP group must be those tp ranks, and (one stage) the chunk index
+    megatron's data-parallel rank. With pp > 1 a replica pools its stages' chunks, whichever they are."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    rank = torch.distributed.get_rank()
+    tp_ranks = torch.distributed.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+    chunk_ranks = list(range(rank // sizes.tp * sizes.tp, (rank // sizes.tp + 1) * sizes.tp))
+    if sorted(tp_ranks) != chunk_ranks or (sizes.pp == 1 and ps.get_data_parallel_rank() != rank // sizes.tp):
+        raise ValueError(
+            f"rank {rank}: megatron TP group {tp_ranks}, data-parallel rank {ps.get_data_parallel_rank()}; OpenRLHF "
+            f"sends ranks {chunk_ranks} chunk {rank // sizes.tp}, which would reach the wrong replica"
+        )
+
+
 def destroy_parallel_state() -> None:
     from megatron.core import parallel_state
 

@@ -193,7 +193,8 @@ def model_parallel_grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
     dense_sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is None or not param_is_not_tensor_parallel_duplicate(p):
+        # The last stage's copy of a tied embedding (`shared`) has the first stage's gradient: count it once.
+        if p.grad is None or getattr(p, "shared", False) or not param_is_not_tensor_parallel_duplicate(p):
             continue
         square = p.grad.double().pow(2).sum().cpu()
         if getattr(p, "allreduce", True):
@@ -236,51 +237,68 @@ def policy_update(
     With `rollout_is_cap`, micro-batches that carry `rollout_log_probs` get the loss's rollout importance correction
     (OpenRLHF's `--algo.advantage.is_correction_level seq`, capped at its high threshold); without it they are ignored.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from openrlhf_gmpo.megatron import pipeline
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError("policy_update runs one pipeline stage; pp>1 needs megatron's pipeline schedule")
     if not micro_batches:
         raise ValueError("policy_update needs at least one micro-batch")
-    # The aux loss (when its coefficient is > 0) gets the same per-micro-batch weight as the policy loss.
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+
+    def loss_of(mb: PolicyMicroBatch, log_probs: torch.Tensor):
+        return compute_policy_loss(
+            loss_name,
+            log_probs,
+            mb.old_log_probs,
+            mb.advantages,
+            mb.action_mask,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            global_batch_size=global_batch_size,
+            dp_size=dp_size,
+            **_rollout_correction(mb.rollout_log_probs, rollout_is_cap),
+        )
+
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+    if pipeline.is_pipelined():
+        if any(mb.routing is not None for mb in micro_batches):
+            raise ValueError("routing replay runs one pipeline stage (pp=1)")
+        # megatron's schedule also reduces the gradients over DP (and the tied embedding over its two stages).
+        results = pipeline.pipeline_forward_backward(ddp_model, micro_batches, loss_of, temperature=temperature)
+    else:
+        results = _forward_backward(ddp_model, micro_batches, loss_of, temperature)
+        ddp_model.finish_grad_sync()
+    if grads_are_finite(ddp_model):
+        updated, grad_norm, _ = optimizer.step()
+    else:
+        updated, grad_norm = False, float("nan")
     totals: dict[str, float] = {}
-    loss_sum = 0.0
+    for _, metrics in results:
+        for key, value in metrics.items():
+            totals[key] = _combine(key, totals.get(key), value, len(results))
+    # Summed over micro-batches and averaged over DP ranks this is the loss of the whole batch.
+    loss_sum = sum(loss for loss, _ in results)
+    totals.update(policy_loss=loss_sum, grad_norm=float(grad_norm), update_skipped=float(not updated))
+    return totals
+
+
+def _forward_backward(ddp_model, micro_batches, loss_of, temperature: float) -> list[tuple[float, dict[str, float]]]:
+    """One stage: forward and backward of each micro-batch in turn (gradients accumulate); (loss, metrics) each."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # The aux loss (when its coefficient is > 0) gets the same per-micro-batch weight as the policy loss.
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    results = []
     for mb in micro_batches:
         replay = nullcontext() if mb.routing is None else routing_replay.replaying(mb.routing, mb.attention_mask)
         with replay as backward_phase:
             log_probs = action_log_probs(
                 ddp_model, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], temperature=temperature
             )
-            loss, metrics = compute_policy_loss(
-                loss_name,
-                log_probs,
-                mb.old_log_probs,
-                mb.advantages,
-                mb.action_mask,
-                clip_eps_low=clip_eps_low,
-                clip_eps_high=clip_eps_high,
-                global_batch_size=global_batch_size,
-                dp_size=dp_size,
-                **_rollout_correction(mb.rollout_log_probs, rollout_is_cap),
-            )
+            loss, metrics = loss_of(mb, log_probs)
             if backward_phase is not None:
                 backward_phase()
             loss.backward()
-        loss_sum += loss.item()
-        for key, value in metrics.items():
-            totals[key] = _combine(key, totals.get(key), value.item(), len(micro_batches))
-    ddp_model.finish_grad_sync()
-    if grads_are_finite(ddp_model):
-        updated, grad_norm, _ = optimizer.step()
-    else:
-        updated, grad_norm = False, float("nan")
-    # Summed over micro-batches and averaged over DP ranks this is the loss of the whole batch.
-    totals.update(policy_loss=loss_sum, grad_norm=float(grad_norm), update_skipped=float(not updated))
-    return totals
+        results.append((loss.item(), {key: value.item() for key, value in metrics.items()}))
+    return results
 
 
 def _rollout_correction(rollout_log_probs, cap: float | None) -> dict:

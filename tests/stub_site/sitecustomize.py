@@ -15,6 +15,7 @@ if os.environ.get("GMPO_TEST_MEGATRON_CPU_SHIMS") == "1":
 
     torch.set_num_threads(1)
     helpers_cpu_shims.install_cpu_shims()
+    helpers_cpu_shims.host_cuda_tensors()  # pipeline parallelism
 
 if os.environ.get("GMPO_TEST_DEEPSPEED_CPU_SHIMS") == "1":
     # OpenRLHF's DeepSpeed policy actor in a Ray worker, on DeepSpeed's CPU accelerator.

@@ -1,0 +1,110 @@
+"""Pipeline parallelism (2 stages) in the megatron backend, on 4 gloo CPU processes (one spawn, ~20 s on 2 cores).
+
+Against a tiny HF Qwen3-MoE in one process, at pp2, pp2 x ep2, and pp2 x ep2 with top-1 routing and a tied
+embedding (helpers_megatron_pipeline.LAYOUTS): log-probs through megatron-core's pipeline schedule, the streaming
+export, and one GMPO update (clipped gradients, AdamW) with each replica's stages on its share of the batch; the
+update also through megatron's own distributed optimizer, as on GPUs.
+"""
+
+import helpers_megatron as hm
+import helpers_megatron_pipeline as hp
+import pytest
+import torch
+
+LAYOUTS = list(hp.LAYOUTS)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("megatron_pipeline")
+    torch.multiprocessing.spawn(hp.pipeline_suite_worker, args=(4, hm.free_port(), str(out_dir)), nprocs=4)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(4)]
+
+
+def test_pipeline_ranks_come_last_in_megatrons_order(suite):
+    # The stages of one replica are ranks r and r + 2, not neighbours: OpenRLHF's chunk per rank reaches both
+    # stages of a replica only because the actor pools them (test_megatron_actor_pipeline.py).
+    for layout in LAYOUTS:
+        for rank in range(4):
+            groups = suite[rank][layout]["groups"]
+            assert groups["pipeline"] == [rank % 2, rank % 2 + 2]
+            assert groups["stage"] == rank // 2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_log_probs_through_the_stages_match_hf(suite, layout):
+    for rank in range(4):
+        result = suite[rank][layout]
+        # fp32 on both sides; what is left is summation order (measured 4.8e-7).
+        assert result["eval"]["log_prob_error"] < 1e-4
+        assert result["eval"]["log_prob_error_both_sides"] < 1e-4
+        # Two micro-batches of different sizes and lengths: (3 rows, 12 tokens), (1 row, 8 tokens).
+        assert result["ragged"]["shapes"] == [(3, 11), (1, 7)]
+        assert result["ragged"]["log_prob_error"] < 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_stage_exports_the_whole_hf_model(suite, layout):
+    for rank in range(4):
+        assert suite[rank][layout]["eval"]["export_mismatches"] == []
+        assert suite[rank][layout]["eval"]["export_extra"] == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gmpo_update_through_the_stages_is_the_hf_update(suite, layout):
+    make_hf = hp.LAYOUTS[layout][0]
+    batch = hm.policy_batch()
+    reference = make_hf()
+    before = {n: t.clone() for n, t in reference.state_dict().items()}
+    norm, state = hm.hf_reference_update(
+        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
+    )
+    assert norm > hm.UPDATE["clip_grad"]  # clipping is exercised
+    reference_grads = {name: param.grad for name, param in reference.named_parameters()}
+    for rank in range(4):
+        metrics, after, grads = suite[rank][layout]["update"]
+        # Every rank reports the global norm: the tied embedding's two copies counted once, stages and experts summed.
+        assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert metrics["update_skipped"] == 0.0
+        # Each stage reports its replica's loss, which the last stage computed (2 of the 4 sequences each).
+        assert metrics["policy_loss"] == suite[rank % 2 + 2][layout]["update"][0]["policy_loss"]
+        for name, grad in grads.items():
+            # A tied model's HF state has no separate lm_head gradient: the embedding's is the sum of both uses.
+            if name in reference_grads:
+                torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=f"{layout} {name}")
+        for name, tensor in after.items():
+            torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=f"{layout} {name}")
+    moved = max((state[n] - before[n]).abs().max().item() for n in before)
+    assert moved > 5e-4
+    # Each replica's loss is scaled by the DP size (DDP averages gradients over replicas): their mean is the loss
+    # of the whole batch.
+    whole = (suite[2][layout]["update"][0]["policy_loss"] + suite[3][layout]["update"][0]["policy_loss"]) / 2
+    assert whole == pytest.approx(_hf_loss(make_hf, batch), rel=1e-5)
+
+
+def test_megatrons_gpu_optimizer_through_the_stages_is_the_hf_update(suite):
+    # pp2 x ep2, tied embedding, with CUDA tensors emulated: megatron's DDP buffers and distributed optimizer (fp32
+    # here, so the comparison stays tight), which compute the norm and clip themselves.
+    batch = hm.policy_batch()
+    reference = hm.tiny_hf_moe_top1_tied()
+    norm, state = hm.hf_reference_update(
+        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
+    )
+    for rank in range(4):
+        metrics, after, _ = suite[rank]["gpu_optimizer"]["update"]
+        assert metrics["optimizer"] == "ChainedOptimizer"  # megatron's, one per dense and expert parameters
+        assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        for name, tensor in after.items():
+            torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=name)
+
+
+def _hf_loss(make_hf, batch) -> float:
+    from openrlhf_gmpo.losses import compute_policy_loss
+
+    with torch.no_grad():
+        log_probs = hm.hf_action_log_probs(make_hf(), batch)
+    loss, _ = compute_policy_loss(
+        "gmpo", log_probs, batch["old_log_probs"], batch["advantages"], batch["action_mask"],
+        clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4, dp_size=1,
+    )  # fmt: skip
+    return loss.item()
