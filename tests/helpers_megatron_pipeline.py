@@ -53,6 +53,50 @@ def _ragged_micro_batches(hf, sizes, batch) -> float:
     return {"shapes": [tuple(first.shape), tuple(last.shape)], "log_prob_error": error}
 
 
+def _replay_update(hf, sizes, batch, replay: bool):
+    """A GMPO update with routing replay after every router was negated: the recorded experts (chosen by the HF
+    routers, through this layout's own forward) are used, not the ones the negated routers would choose. Returns
+    the HF-named weights after the step, and the grad norm."""
+    from megatron.core import parallel_state
+
+    from openrlhf_gmpo.megatron import pipeline, routing_replay
+    from openrlhf_gmpo.megatron.logprobs import token_log_probs
+    from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    initialize_parallel_state(sizes)
+    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=True))
+    load_hf_weights(model, hf.state_dict(), hf.config)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimizerOptions(lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]))
+    count = len(batch["sequences"]) // sizes.dp
+    rows = list(
+        range(count * parallel_state.get_data_parallel_rank(), count * (parallel_state.get_data_parallel_rank() + 1))
+    )
+    ids, mask = batch["sequences"][rows], batch["attention_mask"][rows]
+    with torch.no_grad():
+        if pipeline.is_pipelined():
+            recorded = pipeline.pipeline_log_probs(model, [(ids, mask)], record_routing=True)[1][0]
+        else:
+            recorded = []
+            with routing_replay.recording(mask, into=recorded):
+                token_log_probs(model, ids, mask)
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.router.weight"):
+                param.neg_()  # exact: every top-k choice flips to the other end
+    micro_batches = hm.one_row_micro_batches(batch, rows)
+    if replay:
+        for micro_batch, routing in zip(micro_batches, recorded, strict=True):
+            micro_batch.routing = [routing]
+    metrics = policy_update(
+        ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4,
+        dp_size=sizes.dp,
+    )  # fmt: skip
+    return metrics["grad_norm"], {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+
+
 def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
 
@@ -68,6 +112,12 @@ def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -
             "ragged": _ragged_micro_batches(hf, sizes, batch),
             "update": hm._update(hf, sizes, batch, rank),
         }
+    moe, ep2, pp2_ep2 = hm.tiny_hf_moe(), ParallelSizes(world_size, ep=2), ParallelSizes(world_size, pp=2, ep=2)
+    results["replay"] = {
+        "ep2": _replay_update(moe, ep2, batch, replay=True),
+        "pp2_ep2": _replay_update(moe, pp2_ep2, batch, replay=True),
+        "pp2_ep2_free": _replay_update(moe, pp2_ep2, batch, replay=False),
+    }
     # Last: megatron's GPU optimizer path (distributed optimizer over DDP's buffers, its own grad-norm clip), with
     # CUDA tensors emulated for the rest of this process.
     helpers_cpu_shims.emulate_cuda_tensors()

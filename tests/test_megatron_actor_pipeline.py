@@ -4,6 +4,8 @@ PPO trainer drives it; ~40 s.
 The model is the CountDown models' kind: top-1 routing and a tied embedding, whose copy on the last stage megatron
 keeps equal to the first stage's. megatron orders pipeline ranks last, so OpenRLHF's two chunks (one per rank) go to
 the two stages of the one replica: each stage pools both chunks, and `forward` hands each rank its own rows back.
+With routing replay: `forward` records every pooled sequence's routing on each stage (its own layer), and `fit`
+replays it; a sequence whose routing a stage had not recorded would fail the step.
 Expected values come from the same GMPO step taken by a plain HF model on the whole batch in this process.
 """
 
@@ -27,7 +29,7 @@ def actor_run(tmp_path_factory):
     hm.tiny_hf_moe_top1_tied().save_pretrained(pretrain)
     args = helpers_plugin.dry_run(
         "--backend", "megatron", "--actor.model_name_or_path", pretrain, "--actor.num_gpus_per_node", "2",
-        "--megatron.pp", "2", "--actor.policy_loss_type", "gmpo",
+        "--megatron.pp", "2", "--megatron.routing_replay", "--actor.policy_loss_type", "gmpo",
         "--actor.eps_clip_low_high", "0.4", "0.4", "--algo.advantage.estimator", "group_norm",
         "--algo.kl.init_coef", "0",
         "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",

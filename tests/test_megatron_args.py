@@ -29,18 +29,14 @@ def test_qwen3_moe_layout_resolves_the_flags():
 
 
 def test_pipeline_stages_with_expert_parallelism_resolve():
-    args = helpers_plugin.dry_run(*BASE, "--megatron.pp", "2", "--megatron.ep", "4").args
-    assert (args.megatron.pp, args.megatron.ep) == (2, 4)
+    args = helpers_plugin.dry_run(*BASE, "--megatron.pp", "2", "--megatron.ep", "4", "--megatron.routing_replay").args
+    assert (args.megatron.pp, args.megatron.ep, args.megatron.routing_replay) == (2, 4, True)
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
         (("--megatron.ep", "3"), "8 GPUs are not divisible by tp*pp = 1 and etp*ep*pp = 3"),
-        (
-            ("--megatron.pp", "2", "--megatron.routing_replay"),
-            "--megatron.routing_replay with --megatron.pp 2: replay runs one pipeline stage",
-        ),
         # 2 stages leave 8 / 2 = 4 data-parallel replicas: 36 / 4 = 9 samples do not make whole micro-batches of 2.
         (("--megatron.pp", "2", "--train.batch_size", "36"), "must split into 4 data-parallel ranks"),
         pytest.param(

@@ -3,7 +3,7 @@
 Against a tiny HF Qwen3-MoE in one process, at pp2, pp2 x ep2, and pp2 x ep2 with top-1 routing and a tied
 embedding (helpers_megatron_pipeline.LAYOUTS): log-probs through megatron-core's pipeline schedule, the streaming
 export, and one GMPO update (clipped gradients, AdamW) with each replica's stages on its share of the batch; the
-update also through megatron's own distributed optimizer, as on GPUs.
+update also with routing replay, and through megatron's own distributed optimizer as on GPUs.
 """
 
 import helpers_megatron as hm
@@ -80,6 +80,22 @@ def test_gmpo_update_through_the_stages_is_the_hf_update(suite, layout):
     # of the whole batch.
     whole = (suite[2][layout]["update"][0]["policy_loss"] + suite[3][layout]["update"][0]["policy_loss"]) / 2
     assert whole == pytest.approx(_hf_loss(make_hf, batch), rel=1e-5)
+
+
+def test_routing_replay_through_the_stages_replays_the_recorded_experts(suite):
+    # Routing recorded through each layout's own forward, then every router negated (each top-k choice flips): the
+    # replayed update at pp2 x ep2 (each stage replays its own layer, micro-batches interleaved by the schedule) is
+    # the replayed update at ep2 on one stage; routing freely instead gives another update.
+    for rank in range(4):
+        replay = suite[rank]["replay"]
+        one_stage_norm, one_stage = replay["ep2"]
+        norm, weights = replay["pp2_ep2"]
+        assert norm == pytest.approx(one_stage_norm, rel=1e-5)
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, one_stage[name], atol=1e-6, rtol=0, msg=name)
+        free_norm, free = replay["pp2_ep2_free"]
+        assert abs(free_norm - one_stage_norm) > 0.1  # measured 0.47 vs 0.98
+        assert max((free[n] - one_stage[n]).abs().max().item() for n in free) > 1e-3  # measured 2e-3 (lr 1e-3)
 
 
 def test_megatrons_gpu_optimizer_through_the_stages_is_the_hf_update(suite):

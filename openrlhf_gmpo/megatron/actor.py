@@ -37,7 +37,7 @@ from openrlhf_gmpo.megatron.parallel import (
     initialize_parallel_state,
     sizes_for_hf_config,
 )
-from openrlhf_gmpo.megatron.samples import left_pad_collate, sequence_key
+from openrlhf_gmpo.megatron.samples import attach_routing, left_pad_collate, remember_routing
 from openrlhf_gmpo.megatron.train import (
     LRSchedule,
     OptimizerOptions,
@@ -69,8 +69,6 @@ class MegatronPolicyActor(BaseModelActor):
         initialize_parallel_state(self.sizes, seed=args.train.seed)
         check_openrlhf_chunking(self.sizes)
         self.routing_replay = bool(m.routing_replay) and is_moe_config(self.hf_config)
-        if self.routing_replay and self.sizes.pp > 1:
-            raise ValueError(f"--megatron.routing_replay with --megatron.pp {self.sizes.pp}: replay needs pp 1")
         model = build_gpt_model(
             self.hf_config,
             self.sizes,
@@ -126,8 +124,7 @@ class MegatronPolicyActor(BaseModelActor):
             if self.routing_replay:
                 with routing_replay.recording(attention_mask, into=recorded):
                     log_probs = self._log_probs(sequences, attention_mask, action_mask.shape[1])
-                for i, routing in enumerate(recorded):
-                    self.recorded_routing[sequence_key(sequences[i], attention_mask[i])] = routing
+                remember_routing(self.recorded_routing, sequences, attention_mask, recorded)
             else:
                 log_probs = self._log_probs(sequences, attention_mask, action_mask.shape[1])
         self.model.train()
@@ -152,22 +149,24 @@ class MegatronPolicyActor(BaseModelActor):
         return results
 
     def _padding_forward(self) -> None:
-        token = torch.full((1, 2), self.tokenizer.eos_token_id or 0, dtype=torch.long, device=self.device)
-        mask = torch.ones_like(token, dtype=torch.bool)
-        if self.sizes.pp > 1:
-            self._pipeline_log_probs(token, mask, 1)
-            return
-        self.model.eval()
-        with torch.no_grad():
-            self._log_probs(token, mask, 1)
-        self.model.train()
+        token = torch.full((1, 2), self.tokenizer.eos_token_id or 0, dtype=torch.long)
+        self.forward(token, action_mask=torch.ones(1, 1, dtype=torch.bool), attention_mask=torch.ones_like(token))
 
     def _pipeline_log_probs(self, sequences, attention_mask, num_actions):
         self.model.eval()
         log_probs = pipeline.pooled_log_probs(
-            self.model, sequences, attention_mask, device=self.device, temperature=self.args.rollout.temperature
+            self.model,
+            sequences,
+            attention_mask,
+            device=self.device,
+            temperature=self.args.rollout.temperature,
+            record_routing=self.routing_replay,
         )
         self.model.train()
+        if self.routing_replay:  # every pooled sequence's routing through this stage's layers
+            log_probs, recorded = log_probs
+            for ids, mask, per_sequence in recorded:
+                remember_routing(self.recorded_routing, ids, mask, per_sequence)
         return log_probs[:, -num_actions:]
 
     def _log_probs(self, sequences, attention_mask, num_actions):
@@ -179,9 +178,12 @@ class MegatronPolicyActor(BaseModelActor):
 
     def _samples(self) -> list[dict]:
         """This replica's samples: the buffer, pooled over pipeline stages (the same list on each stage)."""
-        if self.sizes.pp == 1:
-            return self._buffered_samples()
-        return [s for chunk in pipeline.gather_over_pipeline(self._buffered_samples()) for s in chunk]
+        samples = self._buffered_samples()
+        if self.sizes.pp > 1:
+            samples = [s for chunk in pipeline.gather_over_pipeline(samples) for s in chunk]
+        if self.routing_replay:  # what this rank recorded: with pp > 1, its own stage's layers
+            attach_routing(samples, self.recorded_routing)
+        return samples
 
     def _buffered_samples(self) -> list[dict]:
         """This rank's buffer as per-sample dicts (OpenRLHF's advantages are per token; old = action_log_probs)."""
@@ -197,8 +199,6 @@ class MegatronPolicyActor(BaseModelActor):
                     "rollout_log_probs": None if exp.rollout_log_probs is None else exp.rollout_log_probs[i],
                     "info": {k: v[i] for k, v in exp.info.items() if torch.is_tensor(v) and v.dim() == 1},
                 }
-                if self.routing_replay:
-                    sample["routing"] = self.recorded_routing[sequence_key(exp.sequences[i], exp.attention_mask[i])]
                 samples.append(sample)
         return samples
 

@@ -79,11 +79,6 @@ def validate_megatron_args(args) -> None:
             )
     if m.aux_loss_coef < 0:
         raise SystemExit(f"--megatron.aux_loss_coef {m.aux_loss_coef} must be >= 0")
-    if m.routing_replay and m.pp > 1:
-        raise SystemExit(
-            f"--megatron.routing_replay with --megatron.pp {m.pp}: replay runs one pipeline stage (the pipeline "
-            "schedule interleaves micro-batches, each of which would need its own recorded routing); use pp 1"
-        )
     if m.routing_replay and m.tp > 1:
         raise SystemExit(
             f"--megatron.routing_replay with --megatron.tp {m.tp}: replay needs tp 1 (TP training uses "

@@ -6,15 +6,22 @@ log-probs and losses. What it measures is sent to the other stages, so every ran
 
 Every stage of a data-parallel replica must run the same micro-batches in the same order. OpenRLHF hands each rank
 its own chunk, so the actor first pools its replica's chunks with `gather_over_pipeline`.
+
+Routing replay: each stage records and replays the routers of its own layers. The schedule interleaves micro-batches
+(stage s runs the forwards of up to pp - s of them before their backwards), so the replayed experts are set per
+micro-batch just before its forward; megatron's routers queue them for the recomputation in the backward, which
+takes them in forward order, and the backward of each micro-batch switches the routers to that queue first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from openrlhf_gmpo.megatron import routing_replay
 from openrlhf_gmpo.megatron.logprobs import ModelInputs, check_temperature, log_probs_from_logits, model_inputs
 
 
@@ -45,10 +52,27 @@ def from_last_stage(obj: Any) -> Any:
     return holder[0]
 
 
+@dataclass
+class _Step:
+    """One micro-batch of the schedule: the model's inputs, what the last stage does with its logits (megatron's
+    `loss_func`), and the routing to replay (per sequence) or the list to record it into."""
+
+    inputs: ModelInputs
+    loss_func: Callable
+    replay: list[torch.Tensor] | None = None
+    record_into: list | None = None
+
+
 def pipeline_log_probs(
-    model, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, temperature: float = 1.0
-) -> list[torch.Tensor]:
-    """`token_log_probs` of each (input_ids, attention_mask) batch, one micro-batch each, on every stage (host)."""
+    model,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    temperature: float = 1.0,
+    record_routing: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """`token_log_probs` of each (input_ids, attention_mask) batch, one micro-batch each, on every stage (host).
+    With `record_routing`, also each batch's routing per sequence (this stage's layers), as `routing_replay.recording`
+    gives it."""
     check_temperature(temperature)
 
     def log_probs_of(inputs: ModelInputs) -> Callable:
@@ -58,19 +82,29 @@ def pipeline_log_probs(
 
         return loss_func
 
-    steps = [(inputs, log_probs_of(inputs)) for inputs in (model_inputs(model.config, *b) for b in batches)]
+    steps = []
+    for batch in batches:
+        inputs = model_inputs(model.config, *batch)
+        steps.append(_Step(inputs, log_probs_of(inputs), record_into=[] if record_routing else None))
     with torch.no_grad():
-        return from_last_stage(_run_schedule(model, steps, forward_only=True))
+        log_probs = from_last_stage(_run_schedule(model, steps, forward_only=True))
+    return (log_probs, [step.record_into for step in steps]) if record_routing else log_probs
 
 
-def pooled_log_probs(model, input_ids, attention_mask, *, device, temperature: float = 1.0) -> torch.Tensor:
+def pooled_log_probs(model, input_ids, attention_mask, *, device, temperature: float = 1.0, record_routing=False):
     """`token_log_probs` of this rank's batch, computed with the batches of the other stages of its replica (one
-    micro-batch each: every stage must run them all); on CPU."""
+    micro-batch each: every stage must run them all); on CPU. With `record_routing`, also the routing of every
+    pooled sequence on this stage, as [(input_ids, attention_mask, per-sequence routing)] per pooled batch."""
     from megatron.core import parallel_state as ps
 
     batches = gather_over_pipeline((input_ids.cpu(), attention_mask.cpu()))
     on_device = [(ids.to(device), mask.to(device)) for ids, mask in batches]
-    return pipeline_log_probs(model, on_device, temperature=temperature)[ps.get_pipeline_model_parallel_rank()]
+    out = pipeline_log_probs(model, on_device, temperature=temperature, record_routing=record_routing)
+    own = ps.get_pipeline_model_parallel_rank()
+    if not record_routing:
+        return out[own]
+    log_probs, routing = out
+    return log_probs[own], [(ids, mask, r) for (ids, mask), r in zip(batches, routing, strict=True)]
 
 
 def pipeline_forward_backward(
@@ -83,8 +117,9 @@ def pipeline_forward_backward(
     """Forward and backward of every micro-batch (gradients accumulate in the DDP buffers and are then reduced, the
     tied embedding's over its first and last stage too); (loss, metrics) per micro-batch on every stage.
 
-    `micro_batches` have `sequences`, `attention_mask` and `action_mask`; `loss_of(micro_batch, action_log_probs)`
-    returns the loss to differentiate and its metrics, as `compute_policy_loss` does.
+    `micro_batches` have `sequences`, `attention_mask`, `action_mask` and `routing` (replayed when not None);
+    `loss_of(micro_batch, action_log_probs)` returns the loss to differentiate and its metrics, as
+    `compute_policy_loss` does.
     """
     from megatron.core.distributed import finalize_model_grads
 
@@ -103,14 +138,28 @@ def pipeline_forward_backward(
     steps = []
     for mb in micro_batches:
         inputs = model_inputs(model.config, mb.sequences, mb.attention_mask)
-        steps.append((inputs, loss_func_for(mb, inputs)))
+        steps.append(_Step(inputs, loss_func_for(mb, inputs), replay=mb.routing))
     # The schedule calls these: no gradient sync between micro-batches, then DP and embedding-group reductions.
     model.config.no_sync_func = model.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     return from_last_stage(_run_schedule(model, steps, forward_only=False))
 
 
-def _run_schedule(model, steps: list[tuple[ModelInputs, Callable]], *, forward_only: bool) -> list:
+class _ReplayInBackward(torch.autograd.Function):
+    """The identity on a stage's output; its backward, the first step of the micro-batch's backward, switches the
+    routers to replaying the queued experts for the recomputation that follows."""
+
+    @staticmethod
+    def forward(ctx, output):
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        routing_replay.replay_backward_phase()
+        return grad
+
+
+def _run_schedule(model, steps: list[_Step], *, forward_only: bool) -> list:
     """What each step's loss function returned (as the second item), in order, on the last stage; [] elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -118,16 +167,30 @@ def _run_schedule(model, steps: list[tuple[ModelInputs, Callable]], *, forward_o
         return []
 
     def forward_step(data_iterator, stage_model):
-        inputs, loss_func = next(data_iterator)
-        return inputs.run(stage_model), loss_func
+        step = next(data_iterator)
+        if step.replay is not None:
+            routing_replay.start_replay(step.replay, step.inputs.attention_mask)
+        elif step.record_into is not None:
+            routing_replay.start_recording()
+        output = step.inputs.run(stage_model)
+        if step.record_into is not None:
+            step.record_into.extend(routing_replay.take_recorded(step.inputs.attention_mask))
+            routing_replay.stop()
+        if step.replay is not None:
+            output = _ReplayInBackward.apply(output)
+        return output, step.loss_func
 
-    # Shapes vary per micro-batch: the stages tell each other what they send (config.variable_seq_lengths).
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(steps),
-        model=[model],
-        num_microbatches=len(steps),
-        seq_length=max(inputs.input_ids.shape[1] for inputs, _ in steps),
-        micro_batch_size=max(inputs.input_ids.shape[0] for inputs, _ in steps),
-        forward_only=forward_only,
-    )
+    try:
+        # Shapes vary per micro-batch: the stages tell each other what they send (config.variable_seq_lengths).
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(steps),
+            model=[model],
+            num_microbatches=len(steps),
+            seq_length=max(step.inputs.input_ids.shape[1] for step in steps),
+            micro_batch_size=max(step.inputs.input_ids.shape[0] for step in steps),
+            forward_only=forward_only,
+        )
+    finally:
+        if any(step.replay is not None for step in steps):
+            routing_replay.stop()

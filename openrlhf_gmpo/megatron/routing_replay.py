@@ -58,14 +58,12 @@ def join_per_sequence(per_sequence: list[torch.Tensor], attention_mask: torch.Te
 def recording(attention_mask: torch.Tensor, into: list):
     """Within the block, one forward over `attention_mask`'s batch records its routing; on exit the per-sequence
     indices are appended to `into`."""
-    router_replay, action = _replay()
-    router_replay.set_global_router_replay_action(action.RECORD)
+    start_recording()
     try:
         yield
-        into.extend(split_per_sequence(router_replay.get_recorded_data(), attention_mask))
+        into.extend(take_recorded(attention_mask))
     finally:
-        router_replay.clear_global_router_replay_action()
-        router_replay.clear_global_indices()
+        stop()
 
 
 @contextmanager
@@ -73,11 +71,44 @@ def replaying(per_sequence: list[torch.Tensor], attention_mask: torch.Tensor):
     """Within the block, one forward over this batch routes like the recorded sequences. Run its backward inside the
     block too, after calling the yielded `backward_phase()`: with activation recomputation the backward re-runs the
     routers, which must replay the same experts (megatron's REPLAY_BACKWARD)."""
+    start_replay(per_sequence, attention_mask)
+    try:
+        yield replay_backward_phase
+    finally:
+        stop()
+
+
+# The steps of those two blocks, for megatron's pipeline schedule, which interleaves the forwards and backwards of
+# several micro-batches (pipeline.py): each micro-batch's targets queue up in the routers, and its backward takes
+# them in forward order.
+
+
+def start_recording() -> None:
+    router_replay, action = _replay()
+    router_replay.set_global_router_replay_action(action.RECORD)
+
+
+def take_recorded(attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """What the last forward recorded, per sequence of its batch."""
+    router_replay, _ = _replay()
+    return split_per_sequence(router_replay.get_recorded_data(), attention_mask)
+
+
+def start_replay(per_sequence: list[torch.Tensor], attention_mask: torch.Tensor) -> None:
+    """The next forward routes this batch like the recorded sequences; its recomputation in the backward too."""
     router_replay, action = _replay()
     router_replay.set_replay_data(join_per_sequence(per_sequence, attention_mask))
     router_replay.set_global_router_replay_action(action.REPLAY_FORWARD)
-    try:
-        yield lambda: router_replay.set_global_router_replay_action(action.REPLAY_BACKWARD)
-    finally:
-        router_replay.clear_global_router_replay_action()
-        router_replay.clear_global_indices()
+
+
+def replay_backward_phase() -> None:
+    """From here on, routers re-run by activation recomputation take the queued targets, oldest first."""
+    router_replay, action = _replay()
+    router_replay.set_global_router_replay_action(action.REPLAY_BACKWARD)
+
+
+def stop() -> None:
+    """Routers route freely again; recorded and queued indices are dropped."""
+    router_replay, _ = _replay()
+    router_replay.clear_global_router_replay_action()
+    router_replay.clear_global_indices()

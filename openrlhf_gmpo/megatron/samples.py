@@ -12,6 +12,18 @@ def sequence_key(sequence: torch.Tensor, attention_mask: torch.Tensor) -> str:
     return hashlib.sha1(sequence[attention_mask.bool()].cpu().numpy().tobytes()).hexdigest()
 
 
+def remember_routing(store: dict, sequences, attention_mask, per_sequence: list[torch.Tensor]) -> None:
+    """Keep each sequence's recorded routing under its `sequence_key`."""
+    for i, routing in enumerate(per_sequence):
+        store[sequence_key(sequences[i], attention_mask[i])] = routing
+
+
+def attach_routing(samples: list[dict], store: dict) -> None:
+    """Give each sample the routing recorded for it (`remember_routing`), for replay in the update."""
+    for sample in samples:
+        sample["routing"] = store[sequence_key(sample["sequences"], sample["attention_mask"])]
+
+
 def left_pad_collate(samples: list[dict]) -> dict:
     """Stack per-sample rows of different lengths by padding on the left (sequence and action columns alike), so the
     response stays the last A columns of each row."""

@@ -259,8 +259,6 @@ def policy_update(
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     if pipeline.is_pipelined():
-        if any(mb.routing is not None for mb in micro_batches):
-            raise ValueError("routing replay runs one pipeline stage (pp=1)")
         # megatron's schedule also reduces the gradients over DP (and the tied embedding over its two stages).
         results = pipeline.pipeline_forward_backward(ddp_model, micro_batches, loss_of, temperature=temperature)
     else:
