@@ -12,8 +12,9 @@ import os
 import socket
 
 import torch
-from helpers_cpu_shims import cuda_reported_available, host_cuda_tensors
-from helpers_cpu_shims import install_cpu_shims  # noqa: F401  (tests and benches call hm.install_cpu_shims)
+
+# install_cpu_shims: tests and benches call it as hm.install_cpu_shims.
+from helpers_cpu_shims import cuda_reported_available, host_cuda_tensors, install_cpu_shims
 
 TINY_MOE = dict(
     vocab_size=64,
@@ -324,6 +325,9 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "export_pp2": _export_only(moe, ParallelSizes(world_size, pp=2)),
         "update_ep1": _update(moe, ParallelSizes(world_size), batch, rank),
         "update_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank),
+        # Dense TP2 (without Transformer Engine, so without sequence parallelism): the q/k norms are whole on each TP
+        # rank but see only its heads, so their gradients must be summed over TP.
+        "update_dense_tp2": _update(dense, ParallelSizes(world_size, tp=2), batch, rank),
         "update_ep2_nan_on_rank1": _update(moe, ParallelSizes(world_size, ep=2), batch, rank, nan_grad_on_rank=1),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
         "optimizer_groups_ep2": _optimizer_process_groups(moe, ParallelSizes(world_size, ep=2)),

@@ -53,6 +53,42 @@ def _ragged_micro_batches(hf, sizes, batch) -> float:
     return {"shapes": [tuple(first.shape), tuple(last.shape)], "log_prob_error": error}
 
 
+def _ragged_update(hf, sizes, batch):
+    """One GMPO update at pp2 (DP 2) with micro-batches of different shapes: replica 0 takes rows 0-1 as one
+    (2 x 12) micro-batch, replica 1 row 2 (1 x 12) and then row 3 without its 4 padding columns (1 x 8)."""
+    from megatron.core import parallel_state
+
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
+    from openrlhf_gmpo.megatron.train import (
+        OptimizerOptions,
+        PolicyMicroBatch,
+        build_optimizer,
+        policy_update,
+        wrap_ddp,
+    )
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    initialize_parallel_state(sizes)
+    model = build_gpt_model(hf.config, sizes)
+    load_hf_weights(model, hf.state_dict(), hf.config)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer(ddp, OptimizerOptions(lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]))
+    keys = ("sequences", "attention_mask", "action_mask", "old_log_probs", "advantages")
+    rows_and_start = [([0, 1], 0)] if parallel_state.get_data_parallel_rank() == 0 else [([2], 0), ([3], 4)]
+    micro_batches = []
+    for rows, start in rows_and_start:
+        parts = {key: batch[key][rows] for key in keys}
+        parts["sequences"], parts["attention_mask"] = parts["sequences"][:, start:], parts["attention_mask"][:, start:]
+        micro_batches.append(PolicyMicroBatch(**parts))
+    metrics = policy_update(
+        ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4,
+        dp_size=sizes.dp,
+    )  # fmt: skip
+    shapes = [tuple(mb.sequences.shape) for mb in micro_batches]
+    return metrics["grad_norm"], shapes, {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+
+
 def _replay_update(hf, sizes, batch, replay: bool):
     """A GMPO update with routing replay after every router was negated: the recorded experts (chosen by the HF
     routers, through this layout's own forward) are used, not the ones the negated routers would choose. Returns
@@ -112,6 +148,7 @@ def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -
             "ragged": _ragged_micro_batches(hf, sizes, batch),
             "update": hm._update(hf, sizes, batch, rank),
         }
+    results["ragged_update"] = _ragged_update(hm.tiny_hf_moe(), ParallelSizes(world_size, pp=2), batch)
     moe, ep2, pp2_ep2 = hm.tiny_hf_moe(), ParallelSizes(world_size, ep=2), ParallelSizes(world_size, pp=2, ep=2)
     results["replay"] = {
         "ep2": _replay_update(moe, ep2, batch, replay=True),

@@ -5,7 +5,8 @@ One spawn (`helpers_megatron.suite_worker`, ~40 s on 2 cores) runs every layout;
   CountDown models' routing) at EP=2: per-token log-probs equal HF's;
 - megatron -> HF streaming export reproduces the HF state dict bit for bit, in the fused and per-expert layouts,
   and across 2 pipeline stages (log-probs and updates through the stages: test_megatron_pipeline.py);
-- one GMPO update at EP=2 equals the update at EP=1 and a plain single-process HF + AdamW update;
+- one GMPO update at EP=2 equals the update at EP=1 and a plain single-process HF + AdamW update, and so does one
+  of a dense Qwen3 at TP=2;
 - routing replay re-routes a re-batched pass exactly as recorded.
 """
 
@@ -93,6 +94,24 @@ def test_gmpo_update_is_the_same_at_ep1_ep2_and_in_hf(suite):
     # Adam moves every weight by about lr = 1e-3, two orders above the tolerance, so the comparison means something.
     moved = max((reference[n] - before[n]).abs().max().item() for n in before)
     assert moved > 5e-4
+
+
+def test_dense_tp2_update_is_the_hf_update(suite):
+    # Before the q/k norm gradients were summed over TP (megatron's finalize_model_grads), each TP rank stepped them
+    # with its own heads' share: those four gradients were 60-83 % off, and the TP copies drifted apart.
+    batch = hm.policy_batch()
+    model = hm.tiny_hf_dense()
+    norm, state = hm.hf_reference_update(
+        model, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
+    )
+    reference_grads = {name: param.grad for name, param in model.named_parameters()}
+    for rank in range(2):
+        metrics, after, grads = suite[rank]["update_dense_tp2"]
+        assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=name)
+        for name, tensor in after.items():
+            torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=name)
 
 
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(suite):

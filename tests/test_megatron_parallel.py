@@ -249,3 +249,18 @@ def test_dense_ffn_size_is_checked_against_tp():
 
 def test_edp_counts_expert_tp():
     assert ParallelSizes(16, ep=4, etp=2).edp == 2  # 16 / (2*4*1)
+
+
+def test_hf_shapes_from_the_config_are_the_hf_models_shapes():
+    # Pipeline stages that do not own a tensor allocate it from this shape before the owner broadcasts it.
+    import helpers_megatron as hm
+
+    from openrlhf_gmpo.megatron.weights import hf_shape
+
+    for model in (hm.tiny_hf_moe(), hm.tiny_hf_moe_top1_tied(), hm.tiny_hf_dense()):
+        for name, tensor in model.state_dict().items():
+            assert hf_shape(model.config, name) == tuple(tensor.shape), name
+    # The per-expert (checkpoint, vLLM) names: gate/up [moe_ffn, hidden], down [hidden, moe_ffn].
+    config = hm.tiny_hf_moe().config
+    assert hf_shape(config, "model.layers.1.mlp.experts.3.gate_proj.weight") == (16, 32)
+    assert hf_shape(config, "model.layers.1.mlp.experts.3.down_proj.weight") == (32, 16)

@@ -82,6 +82,21 @@ def test_gmpo_update_through_the_stages_is_the_hf_update(suite, layout):
     assert whole == pytest.approx(_hf_loss(make_hf, batch), rel=1e-5)
 
 
+def test_micro_batches_of_different_shapes_train_through_the_stages(suite):
+    batch = hm.policy_batch()
+    reference = hm.tiny_hf_moe()
+    norm, state = hm.hf_reference_update(
+        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
+    )
+    # Stage s of replica d is rank d + 2s: replica 0 ran one (2 x 12) micro-batch, replica 1 a (1 x 12) and a (1 x 8).
+    assert [suite[rank]["ragged_update"][1] for rank in range(2)] == [[(2, 12)], [(1, 12), (1, 8)]]
+    for rank in range(4):
+        grad_norm, _, weights = suite[rank]["ragged_update"]
+        assert grad_norm == pytest.approx(norm, rel=1e-5)
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_routing_replay_through_the_stages_replays_the_recorded_experts(suite):
     # Routing recorded through each layout's own forward, then every router negated (each top-k choice flips): the
     # replayed update at pp2 x ep2 (each stage replays its own layer, micro-batches interleaved by the schedule) is

@@ -12,11 +12,10 @@ What OpenRLHF's PPO trainer calls, and what each does here:
 - `broadcast_to_vllm()`, `save_model()`, `save_checkpoint(tag, ...)`, `get_checkpoint_states()`, `empty_cache()`,
   `offload_states()` / `reload_states()` (for `--ds.enable_sleep`: what they free is GPU memory).
 
-Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` consecutive actors, which
-`validate_megatron_args` makes equal to megatron's TP size, so each TP group gets one chunk. With pipeline stages
-(pp > 1), the stages of one data-parallel replica are not consecutive ranks (megatron orders pipeline ranks last), so
-they get different chunks: every stage then works on its replica's chunks pooled (`pipeline.gather_over_pipeline`),
-and `forward` returns each rank the rows of its own chunk.
+Data: OpenRLHF sends one chunk to each run of `ds.tensor_parallel_size` (= megatron's TP) consecutive actors: one
+per TP group. With pp > 1 the stages of a replica are not consecutive ranks (megatron orders pipeline ranks last) and
+get different chunks: every stage works on its replica's chunks pooled (`pipeline.gather_over_pipeline`), and
+`forward` returns each rank the rows of its own chunk.
 """
 
 from __future__ import annotations
@@ -190,14 +189,15 @@ class MegatronPolicyActor(BaseModelActor):
         samples = []
         for exp in self.experiences:
             for i in range(exp.sequences.shape[0]):
+                # Rows copied, not viewed: a view pickles its whole batch's storage (pooling over pipeline stages).
                 sample = {
-                    "sequences": exp.sequences[i],
-                    "attention_mask": exp.attention_mask[i],
-                    "action_mask": exp.action_mask[i],
-                    "old_log_probs": exp.action_log_probs[i],
-                    "advantages": exp.advantages[i],
-                    "rollout_log_probs": None if exp.rollout_log_probs is None else exp.rollout_log_probs[i],
-                    "info": {k: v[i] for k, v in exp.info.items() if torch.is_tensor(v) and v.dim() == 1},
+                    "sequences": exp.sequences[i].clone(),
+                    "attention_mask": exp.attention_mask[i].clone(),
+                    "action_mask": exp.action_mask[i].clone(),
+                    "old_log_probs": exp.action_log_probs[i].clone(),
+                    "advantages": exp.advantages[i].clone(),
+                    "rollout_log_probs": None if exp.rollout_log_probs is None else exp.rollout_log_probs[i].clone(),
+                    "info": {k: v[i].clone() for k, v in exp.info.items() if torch.is_tensor(v) and v.dim() == 1},
                 }
                 samples.append(sample)
         return samples

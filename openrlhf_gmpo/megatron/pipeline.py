@@ -166,6 +166,8 @@ def _run_schedule(model, steps: list[_Step], *, forward_only: bool) -> list:
     if not steps:
         return []
 
+    recomputes = model.config.recompute_granularity is not None
+
     def forward_step(data_iterator, stage_model):
         step = next(data_iterator)
         if step.replay is not None:
@@ -177,6 +179,8 @@ def _run_schedule(model, steps: list[_Step], *, forward_only: bool) -> list:
             step.record_into.extend(routing_replay.take_recorded(step.inputs.attention_mask))
             routing_replay.stop()
         if step.replay is not None:
+            if not recomputes:
+                routing_replay.drop_backward_queue()
             output = _ReplayInBackward.apply(output)
         return output, step.loss_func
 
@@ -191,6 +195,6 @@ def _run_schedule(model, steps: list[_Step], *, forward_only: bool) -> list:
             micro_batch_size=max(step.inputs.input_ids.shape[0] for step in steps),
             forward_only=forward_only,
         )
-    finally:
-        if any(step.replay is not None for step in steps):
+    finally:  # routers route freely again, also after an error mid-schedule
+        if any(step.replay is not None or step.record_into is not None for step in steps):
             routing_replay.stop()

@@ -101,6 +101,14 @@ def start_replay(per_sequence: list[torch.Tensor], attention_mask: torch.Tensor)
     router_replay.set_global_router_replay_action(action.REPLAY_FORWARD)
 
 
+def drop_backward_queue() -> None:
+    """Forget the targets queued for recomputation (without it nothing takes them, and each micro-batch's would
+    stay on the GPU until `stop()`)."""
+    router_replay, _ = _replay()
+    for router in router_replay.global_router_replay_instances:
+        router.replay_backward_list = []
+
+
 def replay_backward_phase() -> None:
     """From here on, routers re-run by activation recomputation take the queued targets, oldest first."""
     router_replay, action = _replay()

@@ -237,6 +237,8 @@ def policy_update(
     With `rollout_is_cap`, micro-batches that carry `rollout_log_probs` get the loss's rollout importance correction
     (OpenRLHF's `--algo.advantage.is_correction_level seq`, capped at its high threshold); without it they are ignored.
     """
+    from megatron.core.distributed import finalize_model_grads
+
     from openrlhf_gmpo.megatron import pipeline
 
     if not micro_batches:
@@ -259,11 +261,13 @@ def policy_update(
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
     if pipeline.is_pipelined():
-        # megatron's schedule also reduces the gradients over DP (and the tied embedding over its two stages).
+        # megatron's schedule ends with finalize_model_grads itself.
         results = pipeline.pipeline_forward_backward(ddp_model, micro_batches, loss_of, temperature=temperature)
     else:
         results = _forward_backward(ddp_model, micro_batches, loss_of, temperature)
-        ddp_model.finish_grad_sync()
+        # The DP (and expert-DP) reduction, and over TP the gradients of weights every TP rank holds whole but sees
+        # only its heads' share of: the q/k norms (and with sequence parallelism every norm).
+        finalize_model_grads([ddp_model])
     if grads_are_finite(ddp_model):
         updated, grad_norm, _ = optimizer.step()
     else:

@@ -198,21 +198,55 @@ def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
     return out
 
 
-def _from_stage(tensor: torch.Tensor | None, owner_stage: int) -> torch.Tensor:
-    """Give every pipeline stage the tensor that `owner_stage` computed (shape and dtype travel first)."""
+def _from_stage(tensor: torch.Tensor | None, owner_stage: int, shape: tuple[int, ...], dtype) -> torch.Tensor:
+    """Give every pipeline stage the tensor that `owner_stage` computed. Its shape comes from the HF config
+    (`hf_shape`) and its dtype from the local weights, so nothing but the tensor travels."""
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return tensor
+    if tensor is not None and (tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
+        raise RuntimeError(f"stage {owner_stage} sends {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
     group = ps.get_pipeline_model_parallel_group()
-    src = torch.distributed.get_process_group_ranks(group)[owner_stage]
-    meta = [(tuple(tensor.shape), tensor.dtype) if tensor is not None else None]
-    torch.distributed.broadcast_object_list(meta, src=src, group=group)
     if tensor is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        tensor = torch.empty(meta[0][0], dtype=meta[0][1], device=device)
-    torch.distributed.broadcast(tensor, src=src, group=group)
+        tensor = torch.empty(shape, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.broadcast(tensor, src=torch.distributed.get_process_group_ranks(group)[owner_stage], group=group)
     return tensor
+
+
+def hf_shape(c, name: str) -> tuple[int, ...]:
+    """The shape of HF tensor `name` (`model.embed_tokens.weight`, `model.layers.{i}.{layer name}`, ...) of config
+    `c`, as `iter_hf_weights` yields it."""
+    from openrlhf_gmpo.megatron.model import head_dim
+
+    hidden, d = c.hidden_size, head_dim(c)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (c.vocab_size, hidden)
+    if name == "model.norm.weight" or name.endswith("layernorm.weight"):
+        return (hidden,)
+    suffix = name.split(".", 3)[-1]  # after "model.layers.{i}."
+    moe_ffn = getattr(c, "moe_intermediate_size", None)
+    shapes = {
+        "self_attn.q_proj.weight": (c.num_attention_heads * d, hidden),
+        "self_attn.k_proj.weight": (c.num_key_value_heads * d, hidden),
+        "self_attn.v_proj.weight": (c.num_key_value_heads * d, hidden),
+        "self_attn.o_proj.weight": (hidden, c.num_attention_heads * d),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (c.intermediate_size, hidden),
+        "mlp.up_proj.weight": (c.intermediate_size, hidden),
+        "mlp.down_proj.weight": (hidden, c.intermediate_size),
+        "mlp.gate.weight": (getattr(c, "num_experts", 0), hidden),
+        "mlp.experts.gate_up_proj": (getattr(c, "num_experts", 0), 2 * (moe_ffn or 0), hidden),
+        "mlp.experts.down_proj": (getattr(c, "num_experts", 0), hidden, moe_ffn or 0),
+    }
+    if suffix in shapes:
+        return shapes[suffix]
+    if suffix.endswith(("gate_proj.weight", "up_proj.weight")):  # one expert, per-expert layout
+        return (moe_ffn, hidden)
+    if suffix.endswith("down_proj.weight"):
+        return (hidden, moe_ffn)
+    raise KeyError(f"no HF shape for {name!r}")
 
 
 def _layer_to_hf(params: dict, local: int, hf_config, expert_layout: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -282,10 +316,15 @@ def iter_hf_weights(
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
     layers_per_stage = c.num_hidden_layers // pp
 
+    dtype = next(iter(params.values())).dtype  # every weight (or gradient) of the model has the model's dtype
+
+    def from_stage(tensor, owner, name):
+        return _from_stage(tensor, owner, hf_shape(c, name), dtype)
+
     embed = None
     if pp_rank == 0:
         embed = torch.cat(_all_gather(params["embedding.word_embeddings.weight"], tp_group), dim=0)
-    embed = _from_stage(embed, 0)
+    embed = from_stage(embed, 0, "model.embed_tokens.weight")
     yield "model.embed_tokens.weight", embed
     for layer in range(c.num_hidden_layers):
         owner = layer // layers_per_stage
@@ -297,16 +336,17 @@ def iter_hf_weights(
             if mine:
                 produced_name, tensor = next(names_and_tensors)
                 assert produced_name == name, (produced_name, name)
-            yield f"model.layers.{layer}.{name}", _from_stage(tensor, owner)
+            full_name = f"model.layers.{layer}.{name}"
+            yield full_name, from_stage(tensor, owner, full_name)
     norm = params["decoder.final_layernorm.weight"] if pp_rank == pp - 1 else None
-    yield "model.norm.weight", _from_stage(norm, pp - 1)
+    yield "model.norm.weight", from_stage(norm, pp - 1, "model.norm.weight")
     if c.tie_word_embeddings:
         yield "lm_head.weight", embed
         return
     head = None
     if pp_rank == pp - 1:
         head = torch.cat(_all_gather(params["output_layer.weight"], tp_group), dim=0)
-    yield "lm_head.weight", _from_stage(head, pp - 1)
+    yield "lm_head.weight", from_stage(head, pp - 1, "lm_head.weight")
 
 
 def layer_hf_names(c, expert_layout: str) -> list[str]:
