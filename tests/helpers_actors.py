@@ -28,14 +28,14 @@ def cpu_worker_env(backend: str, hide_gpus: bool = True) -> dict[str, str]:
     return env | _BACKEND_ENV[backend]
 
 
-def start_two_actors(actor_class, args, pretrain):
-    """Create two actors of `actor_class` (a Ray actor class; their workers get the backend's CPU shims at start-up,
-    `cpu_worker_env`), then OpenRLHF's `init_model_from_pretrained` on both with the launcher's strategy."""
+def start_actors(actor_class, args, pretrain, count: int = 2):
+    """Create `count` actors of `actor_class` (a Ray actor class; their workers get the backend's CPU shims at
+    start-up, `cpu_worker_env`), then OpenRLHF's `init_model_from_pretrained` on all with the launcher's strategy."""
     from openrlhf.utils.utils import get_strategy
 
-    master = actor_class.remote(2, 0, None, None)
+    master = actor_class.remote(count, 0, None, None)
     address, port = ray.get(master.get_master_addr_port.remote())
-    actors = [master, actor_class.remote(2, 1, address, port)]
+    actors = [master] + [actor_class.remote(count, rank, address, port) for rank in range(1, count)]
     strategy = get_strategy(args)
     ray.get([a.init_model_from_pretrained.remote(strategy, pretrain, max_steps=1) for a in actors], timeout=300)
     return actors

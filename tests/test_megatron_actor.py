@@ -47,7 +47,7 @@ def actor_run(tmp_path_factory):
     try:
         # What the launcher does for --backend megatron, without the GPU this machine lacks.
         actor_class = ray.remote(num_gpus=0, num_cpus=1)(MegatronPolicyActor)
-        actors = ha.start_two_actors(actor_class, args, pretrain)
+        actors = ha.start_actors(actor_class, args, pretrain)
         grad_storage = {"after_init": _grad_storage(actors)}
         ray.get([a.reload_states.remote() for a in actors])
         grad_storage["reloaded"] = _grad_storage(actors)
@@ -68,7 +68,7 @@ def actor_run(tmp_path_factory):
 
         resume_args = copy.deepcopy(args)
         resume_args.ckpt.load_enable = True
-        resumed = ha.start_two_actors(actor_class, resume_args, pretrain)
+        resumed = ha.start_actors(actor_class, resume_args, pretrain)
         results = dict(old=old, uneven=uneven, status=status, new=new, second=second, resumed=ha.forward(resumed))
         results["grad_storage"] = grad_storage
         results["checkpoint_states"] = ray.get([a.get_checkpoint_states.remote() for a in resumed])

@@ -71,7 +71,7 @@ def deepspeed_run(request, tmp_path_factory):
     try:
         # The launcher's actor class as RayActorGroup starts it, with CPUs for the GPU this machine lacks.
         actor_class = GMPOPolicyModelActor.options(num_gpus=0, num_cpus=1)
-        actors = ha.start_two_actors(actor_class, args, pretrain)
+        actors = ha.start_actors(actor_class, args, pretrain)
         start = ha.deepspeed_master_weights(actors)
         old = ha.forward(actors)
         first = ha.step(actors, old, rollout=old)

@@ -203,8 +203,6 @@ def _from_stage(tensor: torch.Tensor | None, owner_stage: int, shape: tuple[int,
     (`hf_shape`) and its dtype from the local weights, so nothing but the tensor travels."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return tensor
     if tensor is not None and (tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
         raise RuntimeError(f"stage {owner_stage} sends {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}")
     group = ps.get_pipeline_model_parallel_group()
@@ -319,7 +317,7 @@ def iter_hf_weights(
     dtype = next(iter(params.values())).dtype  # every weight (or gradient) of the model has the model's dtype
 
     def from_stage(tensor, owner, name):
-        return _from_stage(tensor, owner, hf_shape(c, name), dtype)
+        return tensor if pp == 1 else _from_stage(tensor, owner, hf_shape(c, name), dtype)
 
     embed = None
     if pp_rank == 0:
