@@ -15,13 +15,11 @@ import os
 
 import helpers_actors as ha
 import helpers_megatron as hm
-import helpers_plugin
 import pytest
 import ray
 import torch
-from transformers import Qwen3MoeForCausalLM
 
-LR, MAX_NORM = 1e-3, 0.1
+LR, MAX_NORM = ha.STEP_LR, ha.STEP_MAX_NORM
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +29,10 @@ def actor_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("megatron_actor")
     pretrain = str(tmp / "pretrain")
     hm.tiny_hf_moe().save_pretrained(pretrain)
-    args = helpers_plugin.dry_run(
-        "--backend", "megatron", "--actor.model_name_or_path", pretrain, "--actor.num_gpus_per_node", "2",
-        "--megatron.ep", "2", "--megatron.routing_replay", "--actor.policy_loss_type", "gmpo",
-        "--actor.eps_clip_low_high", "0.4", "0.4", "--algo.advantage.estimator", "group_norm",
-        "--algo.kl.init_coef", "0",
-        "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4",
-        "--train.micro_batch_size", "1", "--actor.adam.lr", str(LR), "--actor.lr_scheduler", "constant",
-        "--actor.max_norm", str(MAX_NORM),
-        "--ckpt.path", str(tmp / "ckpt"), "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"),
-        "--ds.enable_sleep",
-    ).args  # fmt: skip
+    args = ha.megatron_args(
+        pretrain, 2, "--megatron.ep", "2", "--megatron.routing_replay", "--ckpt.path", str(tmp / "ckpt"),
+        "--ckpt.max_num", "1", "--ckpt.output_dir", str(tmp / "hf_out"), "--ds.enable_sleep",
+    )  # fmt: skip
     env = ha.cpu_worker_env("megatron")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
@@ -53,7 +44,7 @@ def actor_run(tmp_path_factory):
         grad_storage["reloaded"] = _grad_storage(actors)
         ray.get([a.offload_states.remote() for a in actors])
         old = ha.forward(actors)
-        uneven = _uneven_forward(actors)
+        uneven = ha.uneven_forward(actors)
         status = ha.step(actors, old)
         grad_storage["after_fit"] = _grad_storage(actors)
         new = ha.forward(actors)
@@ -100,79 +91,34 @@ def _grad_storage(actors) -> list[list[int]]:
     return ray.get([a.__ray_call__.remote(sizes) for a in actors])
 
 
-def _uneven_forward(actors):
-    """OpenRLHF's ceil-sized chunks can leave a rank fewer micro-batches, or none: rank 0 gets its two rows as two
-    micro-batches, rank 1 nothing. With EP=2 each forward is an all-to-all, so this hangs unless the ranks even out."""
-    chunk = hm.forward_chunk(0)
-    two = {key: [rows[0][:1], rows[0][1:]] for key, rows in chunk.items()}
-    none = {key: [] for key in chunk}
-    refs = [actors[0].execute_batch.remote("forward", two, 0, 2), actors[1].execute_batch.remote("forward", none, 0, 0)]
-    return ray.get(refs, timeout=120)
-
-
-def _reference():
-    """The same step in one HF process: old policy = the initial weights (ratio 1 at the step)."""
-    batch = hm.policy_batch()
-    model = hm.tiny_hf_moe()
-    with torch.no_grad():
-        old = hm.hf_action_log_probs(model, batch)
-    grad_norm, state = hm.hf_reference_update(model, batch, old_log_probs=old, lr=LR, clip_grad=MAX_NORM)
-    with torch.no_grad():
-        new = hm.hf_action_log_probs(model, batch)
-    return old, grad_norm, state, new
-
-
-def _rank_rows(rank):
-    rows = [2 * rank, 2 * rank + 1]
-    return rows, hm.policy_batch()["action_mask"][rows]
+def _reference(make_hf=hm.tiny_hf_moe):
+    return ha.hf_step_reference(make_hf, LR, MAX_NORM)
 
 
 def test_forward_returns_hf_log_probs_of_the_rank_chunk(actor_run):
     results, _ = actor_run
-    old, _, _, _ = _reference()
-    for rank in range(2):
-        rows, mask = _rank_rows(rank)
-        assert results["old"][rank].shape == (2, 6)
-        torch.testing.assert_close(results["old"][rank][mask], old[rows][mask], atol=1e-4, rtol=0)
+    ha.check_forward(results["old"], _reference()[0])
 
 
 def test_forward_with_uneven_micro_batch_counts_per_rank(actor_run):
     results, _ = actor_run
-    first, second = results["uneven"][0]
-    assert results["uneven"][1] == []
-    rows, mask = _rank_rows(0)
-    torch.testing.assert_close(torch.cat([first, second])[mask], results["old"][0][mask], atol=1e-5, rtol=0)
+    ha.check_forward(results["old"], _reference()[0], uneven=results["uneven"])
 
 
 def test_fit_is_one_gmpo_step_over_the_global_batch(actor_run):
+    # The DP-averaged status, the same on both ranks; the actor's log-probs after the step are HF's after it.
     results, _ = actor_run
     _, grad_norm, _, new = _reference()
-    for rank in range(2):
-        status = results["status"][rank]
-        # The DP-averaged status: same on both ranks; the norm is the global batch's, above max_norm (clipped).
-        assert status["actor_grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
-        assert grad_norm > MAX_NORM
-        assert status["actor_lr"] == LR
-        assert status["seq_ratio_min"] == pytest.approx(1.0, abs=1e-5)  # old policy = current policy at the step
-        # info["reward"] is the advantages here: 1.0, -0.5, 0.7, -1.2, mean 0 over both ranks.
-        assert status["reward"] == pytest.approx(0.0, abs=1e-6)
-        # After the step, the actor's log-probs are the HF reference model's after the same step.
-        rows, mask = _rank_rows(rank)
-        torch.testing.assert_close(results["new"][rank][mask], new[rows][mask], atol=1e-4, rtol=0)
-        assert (results["new"][rank][mask] - results["old"][rank][mask]).abs().max() > 1e-3  # the step moved
+    ha.check_step(results["status"], results["old"], results["new"], grad_norm, new)
 
 
 def test_save_model_writes_a_loadable_hf_checkpoint(actor_run):
     _, tmp = actor_run
-    _, _, reference_state, _ = _reference()
-    saved = Qwen3MoeForCausalLM.from_pretrained(str(tmp / "hf_out"), dtype=torch.float32).state_dict()
     # the pretrained model's sampling defaults travel with it, as with OpenRLHF's save_pretrained
     assert (tmp / "hf_out" / "generation_config.json").read_text() == (
         tmp / "pretrain" / "generation_config.json"
     ).read_text()
-    assert saved.keys() == reference_state.keys()
-    for name, tensor in saved.items():
-        torch.testing.assert_close(tensor, reference_state[name], atol=1e-5, rtol=0, msg=name)
+    ha.check_saved_model(tmp / "hf_out", _reference()[2])
 
 
 def test_checkpoint_resume_restores_weights_and_client_states(actor_run):
