@@ -328,6 +328,7 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         # Dense TP2 (without Transformer Engine, so without sequence parallelism): the q/k norms are whole on each TP
         # rank but see only its heads, so their gradients must be summed over TP.
         "update_dense_tp2": _update(dense, ParallelSizes(world_size, tp=2), batch, rank),
+        "update_etp2": _update(moe, ParallelSizes(world_size, etp=2), batch, rank),  # each expert split over 2 ranks
         "update_ep2_nan_on_rank1": _update(moe, ParallelSizes(world_size, ep=2), batch, rank, nan_grad_on_rank=1),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
         "optimizer_groups_ep2": _optimizer_process_groups(moe, ParallelSizes(world_size, ep=2)),

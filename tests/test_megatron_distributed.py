@@ -5,8 +5,8 @@ One spawn (`helpers_megatron.suite_worker`, ~40 s on 2 cores) runs every layout;
   CountDown models' routing) at EP=2: per-token log-probs equal HF's;
 - megatron -> HF streaming export reproduces the HF state dict bit for bit, in the fused and per-expert layouts,
   and across 2 pipeline stages (log-probs and updates through the stages: test_megatron_pipeline.py);
-- one GMPO update at EP=2 equals the update at EP=1 and a plain single-process HF + AdamW update, and so does one
-  of a dense Qwen3 at TP=2;
+- one GMPO update at EP=2 and at ETP=2 equals the update at EP=1 and a plain single-process HF + AdamW update, and
+  so does one of a dense Qwen3 at TP=2;
 - routing replay re-routes a re-batched pass exactly as recorded.
 """
 
@@ -75,10 +75,10 @@ def _hf_reference_update():
     return norm, state, {name: param.grad for name, param in model.named_parameters()}
 
 
-def test_gmpo_update_is_the_same_at_ep1_ep2_and_in_hf(suite):
+def test_gmpo_update_is_the_same_at_ep1_ep2_etp2_and_in_hf(suite):
     reference_norm, reference, reference_grads = _hf_reference_update()
     before = hm.tiny_hf_moe().state_dict()
-    for layout in ("update_ep1", "update_ep2"):
+    for layout in ("update_ep1", "update_ep2", "update_etp2"):
         metrics, after, grads = suite[0][layout]
         # Both ranks report the global norm; it is above clip_grad=0.1, so clipping is exercised.
         assert metrics["grad_norm"] == pytest.approx(reference_norm, rel=1e-5)

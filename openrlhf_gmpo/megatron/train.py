@@ -286,8 +286,10 @@ def _forward_backward(ddp_model, micro_batches, loss_of, temperature: float) -> 
     """One stage: forward and backward of each micro-batch in turn (gradients accumulate); (loss, metrics) each."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    # The aux loss (when its coefficient is > 0) gets the same per-micro-batch weight as the policy loss.
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    # The aux loss (when its coefficient is > 0) gets the same per-micro-batch weight as the policy loss; shaped and
+    # placed as megatron's pipeline schedule sets it, since the scale is one tensor copied into from then on.
+    device = micro_batches[0].sequences.device
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / len(micro_batches), device=device))
     results = []
     for mb in micro_batches:
         replay = nullcontext() if mb.routing is None else routing_replay.replaying(mb.routing, mb.attention_mask)
