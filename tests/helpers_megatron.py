@@ -215,10 +215,11 @@ def _export_only(hf, sizes):
     }
 
 
-def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None, gpu_optimizer=False):
+def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None, gpu_optimizer=False, aux_loss=0.0):
     """One policy update, each data-parallel replica on its share of the batch in micro-batches of 1; returns the
     metrics, the HF-named weights and gradients. `gpu_optimizer`: megatron's DDP buffers and distributed optimizer,
-    as on GPUs (the worker must emulate CUDA tensors, helpers_cpu_shims.emulate_cuda_tensors).
+    as on GPUs (the worker must emulate CUDA tensors, helpers_cpu_shims.emulate_cuda_tensors). `aux_loss`: the
+    load-balancing loss coefficient.
     `nan_grad_on_rank`: the gradient of that rank's first local expert turns NaN, as after an overflow in its
     forward; no other rank holds that expert, so only a check across ranks stops the others from stepping."""
     from megatron.core import parallel_state
@@ -229,7 +230,7 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None,
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
 
     initialize_parallel_state(sizes)
-    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=routing_replay))
+    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=routing_replay, aux_loss_coef=aux_loss))
     load_hf_weights(model, hf.state_dict(), hf.config)
     with cuda_reported_available() if gpu_optimizer else contextlib.nullcontext():
         ddp = wrap_ddp(model)
@@ -329,6 +330,10 @@ def suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         # rank but see only its heads, so their gradients must be summed over TP.
         "update_dense_tp2": _update(dense, ParallelSizes(world_size, tp=2), batch, rank),
         "update_etp2": _update(moe, ParallelSizes(world_size, etp=2), batch, rank),  # each expert split over 2 ranks
+        # The load-balancing loss on, with the same one-row micro-batches: 2 per replica at EP2 (DP 2), scaled by
+        # policy_update; 4 on the one replica at PP2, scaled by megatron's pipeline schedule.
+        "aux_loss_ep2": _update(moe, ParallelSizes(world_size, ep=2), batch, rank, aux_loss=0.1),
+        "aux_loss_pp2": _update(moe, ParallelSizes(world_size, pp=2), batch, rank, aux_loss=0.1),
         "update_ep2_nan_on_rank1": _update(moe, ParallelSizes(world_size, ep=2), batch, rank, nan_grad_on_rank=1),
         "replay_ep2": _routing_replay_check(moe, ParallelSizes(world_size, ep=2), batch),
         "optimizer_groups_ep2": _optimizer_process_groups(moe, ParallelSizes(world_size, ep=2)),

@@ -114,6 +114,20 @@ def test_dense_tp2_update_is_the_hf_update(suite):
             torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=name)
 
 
+def test_the_load_balancing_loss_weighs_each_micro_batch_alike_with_and_without_pipeline_stages(suite):
+    # Both layouts average 4 one-row micro-batches' aux losses: 1/2 per micro-batch on each of 2 replicas (then DDP's
+    # mean), or 1/4 on the one replica. A per-micro-batch weight of 1 at EP2 would double its aux gradient.
+    no_aux_norm = suite[0]["update_ep2"][0]["grad_norm"]
+    for rank in range(2):
+        ep2, pp2 = suite[rank]["aux_loss_ep2"], suite[rank]["aux_loss_pp2"]
+        assert ep2[0]["grad_norm"] == pytest.approx(pp2[0]["grad_norm"], rel=1e-5)
+        assert abs(ep2[0]["grad_norm"] - no_aux_norm) > 0.05  # measured 1.067 with the aux loss, 0.884 without
+        for name, grad in ep2[2].items():
+            torch.testing.assert_close(grad, pp2[2][name], atol=1e-8, rtol=1e-4, msg=name)
+        for name, tensor in ep2[1].items():
+            torch.testing.assert_close(tensor, pp2[1][name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(suite):
     # megatron's bf16 optimizer would apply it (it checks only under fp16 loss scaling) and every weight would be NaN.
     before = hm.tiny_hf_moe().state_dict()
