@@ -1,8 +1,9 @@
 """The megatron backend with 2 pipeline stages, on 4 gloo CPU processes: one spawn, every layout, results per rank.
 
-Layouts (world 4): pp2 alone (2 data-parallel replicas), pp2 x ep2 (megatron then orders pipeline ranks last, so the
-stages of a replica are ranks r and r + 2), and pp2 x ep2 with the CountDown models' top-1 routing and tied embedding
-(the last stage holds a copy of the embedding as its output layer, kept equal by an all-reduce of its gradient).
+Layouts (world 4): pp2 alone (2 data-parallel replicas), pp2 x ep2 (megatron orders pipeline ranks last, so the
+stages of a replica are ranks r and r + 2), pp2 x ep2 with the CountDown models' top-1 routing and tied embedding
+(the last stage holds a copy of the embedding as its output layer, kept equal by an all-reduce of its gradient), and
+a dense Qwen3 at pp2 x tp2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ LAYOUTS = {
     "pp2": (hm.tiny_hf_moe, dict(pp=2)),
     "pp2_ep2": (hm.tiny_hf_moe, dict(pp=2, ep=2)),
     "pp2_ep2_top1_tied": (hm.tiny_hf_moe_top1_tied, dict(pp=2, ep=2)),
+    # A dense Qwen3 with TP inside each stage (no sequence parallelism without Transformer Engine).
+    "dense_pp2_tp2": (hm.tiny_hf_dense, dict(pp=2, tp=2)),
 }
 
 

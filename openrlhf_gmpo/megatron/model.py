@@ -95,6 +95,8 @@ def transformer_config_kwargs(
         pipeline_dtype=params_dtype,
         # Micro-batches differ in length: pipeline stages send each other the shape before the activations.
         variable_seq_lengths=sizes.pp > 1,
+        # megatron refuses variable lengths with its default (allgather) MoE dispatcher, dense models too.
+        moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # every weight is overwritten from the HF checkpoint
     )
@@ -125,7 +127,6 @@ def transformer_config_kwargs(
             moe_router_dtype=moe.router_dtype,
             moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coef,
-            moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=has_transformer_engine(),
             moe_permute_fusion=False,
             moe_enable_routing_replay=moe.routing_replay,
