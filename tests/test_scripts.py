@@ -122,6 +122,20 @@ def test_submit_needs_ray_address():
     assert "set RAY_ADDRESS" in result.stderr
 
 
+def test_megatron_scripts_take_the_expert_and_pipeline_sizes_from_the_environment(tmp_path, monkeypatch):
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "qwen3-30b-a3b_gmpo_megatron_16gpu.sh")
+    env = dict(os.environ, DRY_RUN="1", PYTHON=recorder(tmp_path, "python"), EP="4", PP="2")
+    result = run_script(script, env)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "python.json") as handle:
+        argv = json.load(handle)["argv"]
+    monkeypatch.chdir(helpers_plugin.ROOT)
+    from openrlhf_gmpo.train_ppo_ray import main
+
+    args = main(argv[2:]).args  # validated: 16 GPUs / (pp 2) = 8 data-parallel replicas, 16 / (ep 4 x pp 2) = 2
+    assert (args.megatron.ep, args.megatron.pp) == (4, 2)
+
+
 @pytest.mark.parametrize("setting", ["NODES=abc", "GPUS_PER_NODE=8x", "VLLM_TP=0"])
 def test_cluster_sizes_that_are_not_positive_whole_numbers_are_refused(setting):
     # bash arithmetic reads NODES=abc as an unset variable and VLLM_TP=0 as a division by zero: refuse them by name
