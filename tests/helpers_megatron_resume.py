@@ -1,4 +1,4 @@
-"""The worker of test_megatron_gpu_optimizer.py (spawned processes import it by this top-level name)."""
+"""The workers of test_megatron_gpu_optimizer.py (spawned processes import them by this top-level name)."""
 
 import os
 
@@ -110,5 +110,40 @@ def resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     sizes = ParallelSizes(world_size, ep=2)
     initialize_parallel_state(sizes)
     result = resume_check(sizes, [2 * rank, 2 * rank + 1], out_dir)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def bf16_grads_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One GMPO step with megatron's optimizer (bf16 weights, EP=2, CUDA tensors emulated) with the gradient buffers
+    in fp32 and in bf16 (`--megatron.bf16_grads`, the 30B-A3B presets' setting): the grad norms, the buffers' dtypes
+    and the weights after each."""
+    from openrlhf_gmpo.megatron.model import build_gpt_model
+    from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
+    from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+
+    hm.init_gloo(rank, world_size, port)
+    helpers_cpu_shims.emulate_cuda_tensors()
+    sizes = ParallelSizes(world_size, ep=2)
+    hf = hm.tiny_hf_moe()
+    micro_batches = hm.one_row_micro_batches(hm.policy_batch(), [2 * rank, 2 * rank + 1])
+    result = {}
+    for fp32_grads in (True, False):
+        initialize_parallel_state(sizes)
+        model = build_gpt_model(hf.config, sizes, params_dtype=torch.bfloat16)
+        load_hf_weights(model, hf.state_dict(), hf.config)
+        with helpers_cpu_shims.cuda_reported_available():
+            ddp = wrap_ddp(model, fp32_grads=fp32_grads)
+            optimizer = build_optimizer(ddp, OptimizerOptions(lr=LR, clip_grad=CLIP))
+        metrics = policy_update(
+            ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4,
+            dp_size=sizes.dp,
+        )  # fmt: skip
+        result["fp32" if fp32_grads else "bf16"] = {
+            "grad_norm": metrics["grad_norm"],
+            "buffer_dtypes": {b.grad_data.dtype for b in ddp.buffers + ddp.expert_parallel_buffers},
+            "weights": {name: t.float().clone() for name, t in iter_hf_weights(model, hf.config)},
+        }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
