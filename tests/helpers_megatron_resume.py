@@ -101,15 +101,22 @@ def resume_check(sizes, rows: list[int], out_dir: str, device: str = "cpu") -> d
     }
 
 
-def resume_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """2 gloo ranks at EP=2 on CPU, with CUDA tensors emulated so that megatron's GPU optimizer path runs."""
+def resume_worker(rank: int, world_size: int, port: int, out_dir: str, layout: dict) -> None:
+    """2 gloo ranks on CPU with CUDA tensors emulated, so that megatron's GPU optimizer path runs. `layout`: the
+    parallel sizes (ep=2: two replicas on 2 rows each; pp=2: one replica on all 4 rows, split in two stages)."""
+    from megatron.core import parallel_state
+
     from openrlhf_gmpo.megatron.parallel import ParallelSizes, initialize_parallel_state
 
     hm.init_gloo(rank, world_size, port)
     helpers_cpu_shims.emulate_cuda_tensors()
-    sizes = ParallelSizes(world_size, ep=2)
+    sizes = ParallelSizes(world_size, **layout)
     initialize_parallel_state(sizes)
-    result = resume_check(sizes, [2 * rank, 2 * rank + 1], out_dir)
+    count = 4 // sizes.dp
+    rows = list(
+        range(count * parallel_state.get_data_parallel_rank(), count * (parallel_state.get_data_parallel_rank() + 1))
+    )
+    result = resume_check(sizes, rows, out_dir)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 

@@ -1,13 +1,14 @@
-"""The megatron backend's GPU optimizer path, run on 2 gloo CPU processes (EP=2, bf16 weights, fp32 gradients).
+"""The megatron backend's GPU optimizer path, run on 2 gloo CPU processes (bf16 weights).
 
 On CUDA `build_optimizer` returns megatron's ChainedOptimizer of DistributedOptimizers over torch's AdamW (no
 Transformer Engine or Apex, as on the GPU box), which the CPU suite otherwise never builds: CPU runs use `TorchAdamW`.
 Here the workers emulate CUDA tensors (`helpers_cpu_shims.emulate_cuda_tensors`) and report CUDA as available while
 the DDP wrapper and the optimizer are built, so the package takes its GPU branches with megatron's real optimizer.
 
-Three steps, a save after the second, a fresh model resumed from it and put through the actor's offload and
-reload (sleep mode): the resumed third step equals the uninterrupted one bit for bit, each Adam step counter reads
-3, and saving and resuming again works. megatron-core 0.19.2's own `load_parameter_state` fails this three ways
+At EP=2, and at PP=2 (each stage saves and loads its own layers' optimizer state): three steps, a save after the
+second, a fresh model resumed from it and put through the actor's offload and reload (sleep mode); the resumed
+third step equals the uninterrupted one bit for bit, each Adam step counter reads 3, and saving and resuming again
+works. megatron-core 0.19.2's own `load_parameter_state` fails this three ways
 (training_state._load_parameter_state and model._norms_to say which).
 """
 
@@ -19,12 +20,20 @@ import torch
 pytest.importorskip("megatron.core")
 
 
-def test_megatron_optimizer_resumes_a_checkpoint_exactly(tmp_path):
+@pytest.mark.parametrize(
+    "layout, optimizers",
+    [
+        (dict(ep=2), ["DistributedOptimizer", "DistributedOptimizer"]),  # dense (DP 2) and experts (expert DP 1)
+        (dict(pp=2), ["DistributedOptimizer"]),  # two stages of one replica: dense and expert DP are both 1
+    ],
+    ids=["ep2", "pp2"],
+)
+def test_megatron_optimizer_resumes_a_checkpoint_exactly(tmp_path, layout, optimizers):
     worker = helpers_megatron_resume.resume_worker
-    torch.multiprocessing.spawn(worker, args=(2, hm.free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(worker, args=(2, hm.free_port(), str(tmp_path), layout), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert result["optimizers"] == ["DistributedOptimizer", "DistributedOptimizer"]  # dense and expert
+        assert result["optimizers"] == optimizers
         # Norms included: megatron's local spec builds them in fp32 whatever params_dtype says (model._norms_to).
         assert result["dtypes"] == {torch.bfloat16}
         # megatron's groups: matrices decay (wd_mult 1), biases and norms not (0); build_optimizer applies the 0.1
