@@ -1,5 +1,5 @@
 """MegatronPolicyActor with 2 pipeline stages on a local Ray cluster (2 CPU actors, PP=2, DP=1), driven as OpenRLHF's
-PPO trainer drives it; ~40 s. Then 4 actors at pp2 x ep2 (DP 2), ~50 s.
+PPO trainer drives it; ~40 s. Then 4 actors at pp2 x ep2 (DP 2), ~30 s.
 
 The model is the CountDown models' kind: top-1 routing and a tied embedding, whose copy on the last stage megatron
 keeps equal to the first stage's. megatron orders pipeline ranks last, so OpenRLHF's two chunks (one per rank) go to

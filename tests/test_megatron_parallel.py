@@ -257,7 +257,8 @@ def test_hf_shapes_from_the_config_are_the_hf_models_shapes():
 
     from openrlhf_gmpo.megatron.weights import hf_shape
 
-    for model in (hm.tiny_hf_moe(), hm.tiny_hf_moe_top1_tied(), hm.tiny_hf_dense()):
+    # One model with head_dim 16, so that heads x head_dim (64) differs from hidden (32).
+    for model in (hm.tiny_hf_moe(), hm.tiny_hf_moe_top1_tied(), hm.tiny_hf_dense(), hm.tiny_hf_moe(head_dim=16)):
         for name, tensor in model.state_dict().items():
             assert hf_shape(model.config, name) == tuple(tensor.shape), name
     # The per-expert (checkpoint, vLLM) names: gate/up [moe_ffn, hidden], down [hidden, moe_ffn].

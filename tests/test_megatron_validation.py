@@ -131,3 +131,18 @@ def test_sequence_key_ignores_padding():
     assert sequence_key(torch.tensor([4, 5]), torch.tensor([1, 1])) != sequence_key(
         torch.tensor([4, 6]), torch.tensor([1, 1])
     )
+
+
+def test_a_sample_without_recorded_routing_is_named_not_a_bare_key_error():
+    import torch
+
+    from openrlhf_gmpo.megatron.samples import attach_routing, remember_routing
+
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
+    store = {}
+    remember_routing(store, ids[:1], mask[:1], [torch.zeros(2, 3, 1, dtype=torch.long)])
+    samples = [{"sequences": ids[i], "attention_mask": mask[i]} for i in range(2)]
+    with pytest.raises(RuntimeError, match=r"no recorded routing for 1 of 2 samples \(1 recorded\)"):
+        attach_routing(samples, store)
+    attach_routing(samples[:1], store)
+    assert samples[0]["routing"].shape == (2, 3, 1)

@@ -122,8 +122,9 @@ def test_submit_needs_ray_address():
     assert "set RAY_ADDRESS" in result.stderr
 
 
-def test_megatron_scripts_take_the_expert_and_pipeline_sizes_from_the_environment(tmp_path, monkeypatch):
-    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", "qwen3-30b-a3b_gmpo_megatron_16gpu.sh")
+@pytest.mark.parametrize("gpus", ["8gpu", "16gpu"])
+def test_megatron_scripts_take_the_expert_and_pipeline_sizes_from_the_environment(gpus, tmp_path, monkeypatch):
+    script = os.path.join(helpers_plugin.ROOT, "scripts", "moe", f"qwen3-30b-a3b_gmpo_megatron_{gpus}.sh")
     env = dict(os.environ, DRY_RUN="1", PYTHON=recorder(tmp_path, "python"), EP="4", PP="2")
     result = run_script(script, env)
     assert result.returncode == 0, result.stderr
@@ -132,7 +133,7 @@ def test_megatron_scripts_take_the_expert_and_pipeline_sizes_from_the_environmen
     monkeypatch.chdir(helpers_plugin.ROOT)
     from openrlhf_gmpo.train_ppo_ray import main
 
-    args = main(argv[2:]).args  # validated: 16 GPUs / (pp 2) = 8 data-parallel replicas, 16 / (ep 4 x pp 2) = 2
+    args = main(argv[2:]).args  # validated by the launcher: GPUs divisible by pp 2 and by ep 4 x pp 2
     assert (args.megatron.ep, args.megatron.pp) == (4, 2)
 
 

@@ -20,8 +20,15 @@ def remember_routing(store: dict, sequences, attention_mask, per_sequence: list[
 
 def attach_routing(samples: list[dict], store: dict) -> None:
     """Give each sample the routing recorded for it (`remember_routing`), for replay in the update."""
-    for sample in samples:
-        sample["routing"] = store[sequence_key(sample["sequences"], sample["attention_mask"])]
+    keys = [sequence_key(sample["sequences"], sample["attention_mask"]) for sample in samples]
+    missing = sum(key not in store for key in keys)
+    if missing:
+        raise RuntimeError(
+            f"routing replay: no recorded routing for {missing} of {len(samples)} samples ({len(store)} recorded); "
+            "every sample must pass through the actor's `forward` (the old-policy pass) before `fit`"
+        )
+    for sample, key in zip(samples, keys, strict=True):
+        sample["routing"] = store[key]
 
 
 def left_pad_collate(samples: list[dict]) -> dict:
