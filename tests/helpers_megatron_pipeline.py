@@ -117,7 +117,9 @@ def _replay_update(hf, sizes, batch, replay: bool):
     ids, mask = batch["sequences"][rows], batch["attention_mask"][rows]
     with torch.no_grad():
         if pipeline.is_pipelined():
-            recorded = pipeline.pipeline_log_probs(model, [(ids, mask)], record_routing=True)[1][0]
+            per_batch = []
+            pipeline.pipeline_log_probs(model, [(ids, mask)], routing_into=per_batch)
+            recorded = per_batch[0]
         else:
             recorded = []
             with routing_replay.recording(mask, into=recorded):

@@ -152,6 +152,7 @@ class MegatronPolicyActor(BaseModelActor):
         self.forward(token, action_mask=torch.ones(1, 1, dtype=torch.bool), attention_mask=torch.ones_like(token))
 
     def _pipeline_log_probs(self, sequences, attention_mask, num_actions):
+        recorded = [] if self.routing_replay else None  # every pooled sequence's routing through this stage
         self.model.eval()
         log_probs = pipeline.pooled_log_probs(
             self.model,
@@ -159,13 +160,11 @@ class MegatronPolicyActor(BaseModelActor):
             attention_mask,
             device=self.device,
             temperature=self.args.rollout.temperature,
-            record_routing=self.routing_replay,
+            routing_into=recorded,
         )
         self.model.train()
-        if self.routing_replay:  # every pooled sequence's routing through this stage's layers
-            log_probs, recorded = log_probs
-            for ids, mask, per_sequence in recorded:
-                remember_routing(self.recorded_routing, ids, mask, per_sequence)
+        for ids, mask, per_sequence in recorded or []:
+            remember_routing(self.recorded_routing, ids, mask, per_sequence)
         return log_probs[:, -num_actions:]
 
     def _log_probs(self, sequences, attention_mask, num_actions):

@@ -68,11 +68,11 @@ def pipeline_log_probs(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     temperature: float = 1.0,
-    record_routing: bool = False,
-) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    routing_into: list | None = None,
+) -> list[torch.Tensor]:
     """`token_log_probs` of each (input_ids, attention_mask) batch, one micro-batch each, on every stage (host).
-    With `record_routing`, also each batch's routing per sequence (this stage's layers), as `routing_replay.recording`
-    gives it."""
+    With `routing_into`, each batch's routing per sequence (this stage's layers) is appended to it, a list per batch,
+    as `routing_replay.recording` gives it."""
     check_temperature(temperature)
 
     def log_probs_of(inputs: ModelInputs) -> Callable:
@@ -85,26 +85,27 @@ def pipeline_log_probs(
     steps = []
     for batch in batches:
         inputs = model_inputs(model.config, *batch)
-        steps.append(_Step(inputs, log_probs_of(inputs), record_into=[] if record_routing else None))
+        steps.append(_Step(inputs, log_probs_of(inputs), record_into=None if routing_into is None else []))
     with torch.no_grad():
         log_probs = from_last_stage(_run_schedule(model, steps, forward_only=True))
-    return (log_probs, [step.record_into for step in steps]) if record_routing else log_probs
+    if routing_into is not None:
+        routing_into.extend(step.record_into for step in steps)
+    return log_probs
 
 
-def pooled_log_probs(model, input_ids, attention_mask, *, device, temperature: float = 1.0, record_routing=False):
+def pooled_log_probs(model, input_ids, attention_mask, *, device, temperature: float = 1.0, routing_into=None):
     """`token_log_probs` of this rank's batch, computed with the batches of the other stages of its replica (one
-    micro-batch each: every stage must run them all); on CPU. With `record_routing`, also the routing of every
-    pooled sequence on this stage, as [(input_ids, attention_mask, per-sequence routing)] per pooled batch."""
+    micro-batch each: every stage must run them all); on CPU. With `routing_into`, the routing of every pooled
+    sequence on this stage is appended to it, as (input_ids, attention_mask, per-sequence routing) per pooled batch."""
     from megatron.core import parallel_state as ps
 
     batches = gather_over_pipeline((input_ids.cpu(), attention_mask.cpu()))
     on_device = [(ids.to(device), mask.to(device)) for ids, mask in batches]
-    out = pipeline_log_probs(model, on_device, temperature=temperature, record_routing=record_routing)
-    own = ps.get_pipeline_model_parallel_rank()
-    if not record_routing:
-        return out[own]
-    log_probs, routing = out
-    return log_probs[own], [(ids, mask, r) for (ids, mask), r in zip(batches, routing, strict=True)]
+    routing = None if routing_into is None else []
+    log_probs = pipeline_log_probs(model, on_device, temperature=temperature, routing_into=routing)
+    if routing_into is not None:
+        routing_into.extend((ids, mask, r) for (ids, mask), r in zip(batches, routing, strict=True))
+    return log_probs[ps.get_pipeline_model_parallel_rank()]
 
 
 def pipeline_forward_backward(
