@@ -58,6 +58,7 @@ def stub_env():
 def cpu_shims(monkeypatch):
     """megatron's CUDA-only calls replaced for this test only (helpers_megatron.install_cpu_shims), then restored."""
     import helpers_megatron
+    import megatron.core.tensor_parallel.random as tp_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
     import torch
@@ -66,4 +67,6 @@ def cpu_shims(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, getattr(torch.cuda, name))  # records the original for undo
     for module in (moe_utils, token_dispatcher):
         monkeypatch.setattr(module, "maybe_move_tensor_to_cpu", module.maybe_move_tensor_to_cpu)
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        monkeypatch.setattr(tp_random, name, getattr(tp_random, name))
     helpers_megatron.install_cpu_shims()

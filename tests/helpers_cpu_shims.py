@@ -49,6 +49,7 @@ _SHARED_STREAM = _NoOpStream()
 
 def install_cpu_shims() -> None:
     """Patch the CUDA-only calls megatron-core makes on its CPU path (idempotent, per process)."""
+    import megatron.core.tensor_parallel.random as tp_random
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 
@@ -67,6 +68,10 @@ def install_cpu_shims() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = move_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+    # Activation recomputation saves the CUDA generator's state with the host's and restores both before re-running
+    # a layer (for dropout); on CPU the host generator, which it restores anyway, is the only one.
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: None
 
 
 def host_cuda_tensors() -> None:

@@ -92,10 +92,11 @@ def _ragged_update(hf, sizes, batch):
     return metrics["grad_norm"], shapes, {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
 
 
-def _replay_update(hf, sizes, batch, replay: bool):
+def _replay_update(hf, sizes, batch, replay: bool, recompute: bool = False):
     """A GMPO update with routing replay after every router was negated: the recorded experts (chosen by the HF
     routers, through this layout's own forward) are used, not the ones the negated routers would choose. Returns
-    the HF-named weights after the step, and the grad norm."""
+    the grad norm, and the HF-named weights and clipped gradients after the step. `recompute`: each layer is re-run
+    in the backward (--megatron.recompute), and its router must replay the same experts there too."""
     from megatron.core import parallel_state
 
     from openrlhf_gmpo.megatron import pipeline, routing_replay
@@ -106,7 +107,7 @@ def _replay_update(hf, sizes, batch, replay: bool):
     from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
 
     initialize_parallel_state(sizes)
-    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=True))
+    model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=True), recompute=recompute)
     load_hf_weights(model, hf.state_dict(), hf.config)
     ddp = wrap_ddp(model)
     optimizer = build_optimizer(ddp, OptimizerOptions(lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]))
@@ -135,7 +136,8 @@ def _replay_update(hf, sizes, batch, replay: bool):
         ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4,
         dp_size=sizes.dp,
     )  # fmt: skip
-    return metrics["grad_norm"], {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+    weights = {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
+    return metrics["grad_norm"], weights, {n: t.clone() for n, t in iter_hf_weights(hm._Gradients(model), hf.config)}
 
 
 def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -159,6 +161,10 @@ def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -
         "ep2": _replay_update(moe, ep2, batch, replay=True),
         "pp2_ep2": _replay_update(moe, pp2_ep2, batch, replay=True),
         "pp2_ep2_free": _replay_update(moe, pp2_ep2, batch, replay=False),
+        # Activation recomputation re-runs each layer's router in the backward, from the queued replay targets.
+        "ep2_recompute": _replay_update(moe, ep2, batch, replay=True, recompute=True),
+        "pp2_ep2_recompute": _replay_update(moe, pp2_ep2, batch, replay=True, recompute=True),
+        "pp2_ep2_recompute_free": _replay_update(moe, pp2_ep2, batch, replay=False, recompute=True),
     }
     # Last: megatron's GPU optimizer path (distributed optimizer over DDP's buffers, its own grad-norm clip), with
     # CUDA tensors emulated for the rest of this process.

@@ -103,14 +103,40 @@ def test_routing_replay_through_the_stages_replays_the_recorded_experts(suite):
     # the replayed update at ep2 on one stage; routing freely instead gives another update.
     for rank in range(4):
         replay = suite[rank]["replay"]
-        one_stage_norm, one_stage = replay["ep2"]
-        norm, weights = replay["pp2_ep2"]
+        one_stage_norm, one_stage, one_stage_grads = replay["ep2"]
+        norm, weights, grads = replay["pp2_ep2"]
         assert norm == pytest.approx(one_stage_norm, rel=1e-5)
-        for name, tensor in weights.items():
-            torch.testing.assert_close(tensor, one_stage[name], atol=1e-6, rtol=0, msg=name)
-        free_norm, free = replay["pp2_ep2_free"]
+        _assert_same_step(weights, grads, one_stage, one_stage_grads)
+        free_norm, free, _ = replay["pp2_ep2_free"]
         assert abs(free_norm - one_stage_norm) > 0.1  # measured 0.47 vs 0.98
         assert max((free[n] - one_stage[n]).abs().max().item() for n in free) > 1e-3  # measured 2e-3 (lr 1e-3)
+
+
+def test_routing_replay_holds_through_activation_recomputation(suite):
+    # --megatron.recompute re-runs each layer in the backward, router included: it must take the experts queued for
+    # that micro-batch (megatron's REPLAY_BACKWARD, switched on at each micro-batch's backward), or the gradients
+    # come from the experts the negated routers pick. With one stage (ep2) and through the pipeline schedule
+    # (pp2 x ep2, forwards of two micro-batches queued before their backwards), the update is the replayed one
+    # without recomputation; and recomputation with free routing is the free update.
+    for rank in range(4):
+        replay = suite[rank]["replay"]
+        reference_norm, reference, reference_grads = replay["ep2"]
+        for case in ("ep2_recompute", "pp2_ep2_recompute"):
+            norm, weights, grads = replay[case]
+            assert norm == pytest.approx(reference_norm, rel=1e-5), case
+            _assert_same_step(weights, grads, reference, reference_grads)
+        free_norm, free, free_grads = replay["pp2_ep2_free"]
+        norm, weights, grads = replay["pp2_ep2_recompute_free"]
+        assert norm == pytest.approx(free_norm, rel=1e-5)
+        _assert_same_step(weights, grads, free, free_grads)
+
+
+def _assert_same_step(weights, grads, reference, reference_grads):
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=name)
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_megatrons_gpu_optimizer_through_the_stages_is_the_hf_update(suite):

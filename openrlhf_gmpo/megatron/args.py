@@ -32,7 +32,7 @@ def add_megatron_arguments(parser) -> None:
         "--megatron.recompute",
         action="store_true",
         default=False,
-        help="recompute each layer in the backward, keeping only layer inputs (GPU only)",
+        help="recompute each layer in the backward, keeping only layer inputs (routers replay there too)",
     )
     group.add_argument(
         "--megatron.bf16_grads",
