@@ -1,8 +1,10 @@
 """Test-only shims that let megatron-core, and OpenRLHF's DeepSpeed policy actor, run on CPU with gloo.
 
 megatron-core assumes CUDA in a few places that do not matter for the maths (device lookups, side streams, a
-device-to-host copy of the all-to-all split sizes). `install_cpu_shims()` replaces exactly those, as listed in
-/work/shared/FACTS.md; package code never calls it. `install_deepspeed_cpu_shims()` does the same for the CUDA
+device-to-host copy of the all-to-all split sizes, and the CUDA generator state activation recomputation saves).
+`install_cpu_shims()` replaces exactly those, as listed in /work/shared/FACTS.md plus that last one; package code
+never calls it. `uneven_gloo_collectives()` gives gloo the two collectives with per-rank sizes that megatron's
+dispatcher uses at ETP > 1 with EP > 1. `install_deepspeed_cpu_shims()` does the same for the CUDA
 device calls OpenRLHF's policy actor makes by name (DeepSpeed itself has a CPU accelerator). Its own module so that
 a Ray worker can install the shims at start-up (stub_site/sitecustomize.py) without importing the other helpers.
 """
@@ -95,6 +97,40 @@ def host_cuda_tensors() -> None:
 
         setattr(torch, name, made_on_host)
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def uneven_gloo_collectives() -> None:
+    """gloo's all_gather needs equal tensors, and gloo has no reduce_scatter; megatron's MoE dispatcher uses both with
+    per-rank token counts when each expert is split over ETP ranks and the experts over EP ranks. Both are done here
+    with equal-size gloo collectives: pad to the longest part, or all-reduce every part and keep this rank's. The
+    results are the same tensors, sums in another order. For a worker process only (it is not undone)."""
+    dist = torch.distributed
+    if getattr(dist, "_gmpo_uneven_collectives", False):
+        return
+    dist._gmpo_uneven_collectives = True
+    equal_all_gather = dist.all_gather
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        rows = [part.shape[0] for part in tensor_list]
+        if async_op or all(part.shape == tensor.shape for part in tensor_list):
+            return equal_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        equal_all_gather(gathered, padded, group=group)
+        for part, received, count in zip(tensor_list, gathered, rows, strict=True):
+            part.copy_(received[:count])
+
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if async_op:
+            raise NotImplementedError("the emulated reduce_scatter is synchronous")
+        whole = torch.cat([part.reshape(-1) for part in input_list])
+        dist.all_reduce(whole, op=op, group=group)
+        start = sum(part.numel() for part in input_list[: dist.get_rank(group)])
+        output.copy_(whole[start : start + output.numel()].view_as(output))
+
+    dist.all_gather = all_gather
+    dist.reduce_scatter = reduce_scatter
 
 
 def emulate_cuda_tensors() -> None:
