@@ -369,6 +369,32 @@ def hf_reference_update(model, batch, *, old_log_probs, lr: float, clip_grad: fl
     return grad_norm.item(), {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
+def hf_policy_batch_update(model):
+    """`hf_reference_update` of `model` on `policy_batch()` with UPDATE's settings: the grad norm before clipping,
+    the state after the step and the clipped gradients by parameter name."""
+    batch = policy_batch()
+    norm, state = hf_reference_update(
+        model, batch, old_log_probs=batch["old_log_probs"], lr=UPDATE["lr"], clip_grad=UPDATE["clip_grad"]
+    )
+    return norm, state, {name: param.grad for name, param in model.named_parameters()}
+
+
+def assert_same_update(update, reference, label: str = "") -> None:
+    """`_update`'s (metrics, weights, gradients) is `hf_policy_batch_update`'s step: grad norm to rel 1e-5, every
+    clipped gradient to rel 1e-4 (a first AdamW step moves weights by about lr * sign(grad), so the weights alone
+    would not see a gradient scaled wrongly), weights within 1e-5."""
+    import pytest
+
+    metrics, after, grads = update
+    norm, state, reference_grads = reference
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5), label
+    assert grads.keys() == reference_grads.keys(), label
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=f"{label} {name}")
+    for name, tensor in after.items():
+        torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=f"{label} {name}")
+
+
 class _Gradients:
     """A megatron model's reduced (and, after the step, clipped) gradients under its parameter names, so the HF
     mapping (`iter_hf_weights`, which reads only `named_parameters`) exports them like weights."""

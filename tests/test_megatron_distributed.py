@@ -66,52 +66,24 @@ def test_per_expert_export_matches_hf_expert_slices(suite, layout):
             assert torch.equal(exported[prefix + "down_proj.weight"], down[e])
 
 
-def _hf_reference_update():
-    """The same GMPO step in one process: HF model, whole batch, torch clip + AdamW with the same settings."""
-    batch = hm.policy_batch()
-    lr, clip_grad = hm.UPDATE["lr"], hm.UPDATE["clip_grad"]
-    model = hm.tiny_hf_moe()
-    norm, state = hm.hf_reference_update(model, batch, old_log_probs=batch["old_log_probs"], lr=lr, clip_grad=clip_grad)
-    return norm, state, {name: param.grad for name, param in model.named_parameters()}
-
-
 def test_gmpo_update_is_the_same_at_ep1_ep2_etp2_and_in_hf(suite):
-    reference_norm, reference, reference_grads = _hf_reference_update()
-    before = hm.tiny_hf_moe().state_dict()
+    reference = hm.hf_policy_batch_update(hm.tiny_hf_moe())
+    assert reference[0] > hm.UPDATE["clip_grad"]  # clipping is exercised
     for layout in ("update_ep1", "update_ep2", "update_etp2"):
-        metrics, after, grads = suite[0][layout]
-        # Both ranks report the global norm; it is above clip_grad=0.1, so clipping is exercised.
-        assert metrics["grad_norm"] == pytest.approx(reference_norm, rel=1e-5)
-        assert suite[1][layout][0]["grad_norm"] == pytest.approx(reference_norm, rel=1e-5)
-        assert reference_norm > hm.UPDATE["clip_grad"]
-        # The clipped gradient of every weight, reduced over DP and gathered over EP, is HF's: a first AdamW step
-        # moves weights by about lr * sign(grad), so the weights below alone would not see a gradient scaled wrongly.
-        assert grads.keys() == reference_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=f"{layout} {name}")
-        for name, tensor in after.items():
-            torch.testing.assert_close(tensor, reference[name], atol=1e-5, rtol=0, msg=f"{layout} {name}")
+        # Both ranks report the global norm; every clipped gradient, reduced over DP and gathered over EP, is HF's.
+        for rank in range(2):
+            hm.assert_same_update(suite[rank][layout], reference, f"{layout} rank {rank}")
     # Adam moves every weight by about lr = 1e-3, two orders above the tolerance, so the comparison means something.
-    moved = max((reference[n] - before[n]).abs().max().item() for n in before)
-    assert moved > 5e-4
+    before, after = hm.tiny_hf_moe().state_dict(), reference[1]
+    assert max((after[n] - before[n]).abs().max().item() for n in before) > 5e-4
 
 
 def test_dense_tp2_update_is_the_hf_update(suite):
     # Before the q/k norm gradients were summed over TP (megatron's finalize_model_grads), each TP rank stepped them
     # with its own heads' share: those four gradients were 60-83 % off, and the TP copies drifted apart.
-    batch = hm.policy_batch()
-    model = hm.tiny_hf_dense()
-    norm, state = hm.hf_reference_update(
-        model, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
-    )
-    reference_grads = {name: param.grad for name, param in model.named_parameters()}
+    reference = hm.hf_policy_batch_update(hm.tiny_hf_dense())
     for rank in range(2):
-        metrics, after, grads = suite[rank]["update_dense_tp2"]
-        assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=name)
-        for name, tensor in after.items():
-            torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=name)
+        hm.assert_same_update(suite[rank]["update_dense_tp2"], reference, f"rank {rank}")
 
 
 def test_the_load_balancing_loss_weighs_each_micro_batch_alike_with_and_without_pipeline_stages(suite):
