@@ -63,6 +63,13 @@ def one_process_world():
             torch.distributed.destroy_process_group()
 
 
+def spawn_suite(worker, processes: int, out_dir) -> list[dict]:
+    """Run `worker(rank, processes, port, out_dir)` on `processes` spawned gloo ranks; each saves its results to
+    out_dir/rank{r}.pt, returned here by rank."""
+    torch.multiprocessing.spawn(worker, args=(processes, free_port(), str(out_dir)), nprocs=processes)
+    return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(processes)]
+
+
 def init_gloo(rank: int, world_size: int, port: int) -> None:
     """Join a gloo process group; call first thing in a spawned worker."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"

@@ -19,9 +19,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("megatron_suite")
-    torch.multiprocessing.spawn(hm.suite_worker, args=(2, hm.free_port(), str(out_dir)), nprocs=2)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return hm.spawn_suite(hm.suite_worker, 2, tmp_path_factory.mktemp("megatron_suite"))
 
 
 @pytest.mark.parametrize("layout", ["eval_ep1", "eval_ep2", "eval_tp2", "eval_dense_tp2", "eval_top1_tied_ep2"])

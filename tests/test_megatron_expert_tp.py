@@ -8,14 +8,11 @@ AdamW) with each rank on a quarter of the batch. ETP and EP are each tested alon
 import helpers_megatron as hm
 import helpers_megatron_expert_tp as hx
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("megatron_expert_tp")
-    torch.multiprocessing.spawn(hx.expert_tp_suite_worker, args=(4, hm.free_port(), str(out_dir)), nprocs=4)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    return hm.spawn_suite(hx.expert_tp_suite_worker, 4, tmp_path_factory.mktemp("megatron_expert_tp"))
 
 
 def test_each_expert_is_split_over_two_ranks_and_the_experts_over_two_more(suite):

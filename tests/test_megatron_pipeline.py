@@ -16,9 +16,7 @@ LAYOUTS = list(hp.LAYOUTS)
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("megatron_pipeline")
-    torch.multiprocessing.spawn(hp.pipeline_suite_worker, args=(4, hm.free_port(), str(out_dir)), nprocs=4)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    return hm.spawn_suite(hp.pipeline_suite_worker, 4, tmp_path_factory.mktemp("megatron_pipeline"))
 
 
 def test_pipeline_ranks_come_last_in_megatrons_order(suite):
