@@ -234,7 +234,7 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None,
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
-    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+    from openrlhf_gmpo.megatron.weights import load_hf_weights
 
     initialize_parallel_state(sizes)
     model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=routing_replay, aux_loss_coef=aux_loss))
@@ -253,8 +253,7 @@ def _update(hf, sizes, batch, rank, routing_replay=False, nan_grad_on_rank=None,
         clip_eps_high=UPDATE["clip_eps_high"], global_batch_size=4, dp_size=sizes.dp,
     )  # fmt: skip
     metrics["optimizer"] = type(optimizer).__name__
-    weights = {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
-    return metrics, weights, {n: t.clone() for n, t in iter_hf_weights(_Gradients(model), hf.config)}
+    return metrics, *hf_weights_and_gradients(model, hf.config)
 
 
 def _optimizer_process_groups(hf, sizes):
@@ -395,11 +394,24 @@ def assert_same_update(update, reference, label: str = "") -> None:
     metrics, after, grads = update
     norm, state, reference_grads = reference
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5), label
+    assert_same_step(after, grads, state, reference_grads, label)
+
+
+def assert_same_step(weights, grads, reference_weights, reference_grads, label: str = "", weight_atol=1e-5) -> None:
+    """The same gradients (rel 1e-4) and the same weights after the step (within `weight_atol`), by HF name."""
     assert grads.keys() == reference_grads.keys(), label
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=f"{label} {name}")
-    for name, tensor in after.items():
-        torch.testing.assert_close(tensor, state[name], atol=1e-5, rtol=0, msg=f"{label} {name}")
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, reference_weights[name], atol=weight_atol, rtol=0, msg=f"{label} {name}")
+
+
+def hf_weights_and_gradients(model, hf_config) -> tuple[dict, dict]:
+    """A megatron model's weights and its reduced (clipped, after the step) gradients, HF-named, as full tensors."""
+    from openrlhf_gmpo.megatron.weights import iter_hf_weights
+
+    weights = {n: t.clone() for n, t in iter_hf_weights(model, hf_config)}
+    return weights, {n: t.clone() for n, t in iter_hf_weights(_Gradients(model), hf_config)}
 
 
 class _Gradients:

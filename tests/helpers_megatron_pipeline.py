@@ -104,7 +104,7 @@ def _replay_update(hf, sizes, batch, replay: bool, recompute: bool = False):
     from openrlhf_gmpo.megatron.model import MoEOptions, build_gpt_model
     from openrlhf_gmpo.megatron.parallel import initialize_parallel_state
     from openrlhf_gmpo.megatron.train import OptimizerOptions, build_optimizer, policy_update, wrap_ddp
-    from openrlhf_gmpo.megatron.weights import iter_hf_weights, load_hf_weights
+    from openrlhf_gmpo.megatron.weights import load_hf_weights
 
     initialize_parallel_state(sizes)
     model = build_gpt_model(hf.config, sizes, moe=MoEOptions(routing_replay=True), recompute=recompute)
@@ -136,8 +136,7 @@ def _replay_update(hf, sizes, batch, replay: bool, recompute: bool = False):
         ddp, optimizer, micro_batches, loss_name="gmpo", clip_eps_low=0.4, clip_eps_high=0.4, global_batch_size=4,
         dp_size=sizes.dp,
     )  # fmt: skip
-    weights = {n: t.clone() for n, t in iter_hf_weights(model, hf.config)}
-    return metrics["grad_norm"], weights, {n: t.clone() for n, t in iter_hf_weights(hm._Gradients(model), hf.config)}
+    return metrics["grad_norm"], *hm.hf_weights_and_gradients(model, hf.config)
 
 
 def pipeline_suite_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

@@ -54,11 +54,8 @@ def test_gmpo_update_through_the_stages_is_the_hf_update(suite, layout):
     batch = hm.policy_batch()
     reference = make_hf()
     before = {n: t.clone() for n, t in reference.state_dict().items()}
-    norm, state = hm.hf_reference_update(
-        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
-    )
+    norm, state, reference_grads = hm.hf_policy_batch_update(reference)
     assert norm > hm.UPDATE["clip_grad"]  # clipping is exercised
-    reference_grads = {name: param.grad for name, param in reference.named_parameters()}
     for rank in range(4):
         metrics, after, grads = suite[rank][layout]["update"]
         # Every rank reports the global norm: the tied embedding's two copies counted once, stages and experts summed.
@@ -81,11 +78,7 @@ def test_gmpo_update_through_the_stages_is_the_hf_update(suite, layout):
 
 
 def test_micro_batches_of_different_shapes_train_through_the_stages(suite):
-    batch = hm.policy_batch()
-    reference = hm.tiny_hf_moe()
-    norm, state = hm.hf_reference_update(
-        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
-    )
+    norm, state, _ = hm.hf_policy_batch_update(hm.tiny_hf_moe())
     # Stage s of replica d is rank d + 2s: replica 0 ran one (2 x 12) micro-batch, replica 1 a (1 x 12) and a (1 x 8).
     assert [suite[rank]["ragged_update"][1] for rank in range(2)] == [[(2, 12)], [(1, 12), (1, 8)]]
     for rank in range(4):
@@ -104,7 +97,7 @@ def test_routing_replay_through_the_stages_replays_the_recorded_experts(suite):
         one_stage_norm, one_stage, one_stage_grads = replay["ep2"]
         norm, weights, grads = replay["pp2_ep2"]
         assert norm == pytest.approx(one_stage_norm, rel=1e-5)
-        _assert_same_step(weights, grads, one_stage, one_stage_grads)
+        hm.assert_same_step(weights, grads, one_stage, one_stage_grads, weight_atol=1e-6)
         free_norm, free, _ = replay["pp2_ep2_free"]
         assert abs(free_norm - one_stage_norm) > 0.1  # measured 0.47 vs 0.98
         assert max((free[n] - one_stage[n]).abs().max().item() for n in free) > 1e-3  # measured 2e-3 (lr 1e-3)
@@ -122,29 +115,17 @@ def test_routing_replay_holds_through_activation_recomputation(suite):
         for case in ("ep2_recompute", "pp2_ep2_recompute"):
             norm, weights, grads = replay[case]
             assert norm == pytest.approx(reference_norm, rel=1e-5), case
-            _assert_same_step(weights, grads, reference, reference_grads)
+            hm.assert_same_step(weights, grads, reference, reference_grads, case, weight_atol=1e-6)
         free_norm, free, free_grads = replay["pp2_ep2_free"]
         norm, weights, grads = replay["pp2_ep2_recompute_free"]
         assert norm == pytest.approx(free_norm, rel=1e-5)
-        _assert_same_step(weights, grads, free, free_grads)
-
-
-def _assert_same_step(weights, grads, reference, reference_grads):
-    assert grads.keys() == reference_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], atol=1e-8, rtol=1e-4, msg=name)
-    for name, tensor in weights.items():
-        torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=0, msg=name)
+        hm.assert_same_step(weights, grads, free, free_grads, weight_atol=1e-6)
 
 
 def test_megatrons_gpu_optimizer_through_the_stages_is_the_hf_update(suite):
     # pp2 x ep2, tied embedding, with CUDA tensors emulated: megatron's DDP buffers and distributed optimizer (fp32
     # here, so the comparison stays tight), which compute the norm and clip themselves.
-    batch = hm.policy_batch()
-    reference = hm.tiny_hf_moe_top1_tied()
-    norm, state = hm.hf_reference_update(
-        reference, batch, old_log_probs=batch["old_log_probs"], lr=hm.UPDATE["lr"], clip_grad=hm.UPDATE["clip_grad"]
-    )
+    norm, state, _ = hm.hf_policy_batch_update(hm.tiny_hf_moe_top1_tied())
     for rank in range(4):
         metrics, after, _ = suite[rank]["gpu_optimizer"]["update"]
         assert metrics["optimizer"] == "ChainedOptimizer"  # megatron's, one per dense and expert parameters
